@@ -25,7 +25,7 @@ def test_embeds_npy_and_tiff_files_with_a_checkpoint(tmp_path):
     CDCLImageProcessor(num_channels=3, size=32).save_pretrained(tmp_path / "model")
     image = np.random.default_rng(0).integers(0, 4000, size=(3, 50, 50), dtype=np.uint16)
     np.save(tmp_path / "a.npy", image)
-    tifffile.imwrite(tmp_path / "b.tif", image)
+    tifffile.imwrite(tmp_path / "b.tif", image, photometric="minisblack")
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--model", str(tmp_path / "model"), "--images", str(tmp_path / "a.npy"),
          str(tmp_path / "b.tif"), "--output", str(tmp_path / "embeddings.npy")],
