@@ -17,3 +17,8 @@ def shared_data_dir() -> Path:
     if not (SHARED_DATA / "bbbc021_crops" / "metadata.csv").is_file():
         pytest.skip(f"real BBBC021 data not found at {SHARED_DATA} (only present in the development workspace)")
     return SHARED_DATA
+
+
+# The in-test Hub server (tests/hub_server.py) and its fixtures; importing sets HF_ENDPOINT before any HF client
+# reads it.
+from hub_fixtures import hub_repo_id, hub_server  # noqa: E402, F401

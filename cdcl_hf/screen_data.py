@@ -1,0 +1,610 @@
+"""The screen dataset schema: one row per field of view (or crop), pixels next to their metadata.
+
+Layout (see docs/dataset-schema.md for the user-facing description):
+
+* ``image``: ``List(Image())``: one single-channel lossless PNG per channel, in channel order. PNG
+  stores 8- and 16-bit greyscale exactly, so uint8 and uint16 pixels round-trip bit for bit and the
+  decoded dtype is the original one. A plain ``Image()`` cannot hold more than 4 channels or 16-bit
+  colour, and ``Array3D`` comes back as int64 from the numpy/torch formatters, hence the list.
+* ``channel_names``: ``List(string)``: the channel names, repeated on every row. A per-row column is
+  the one place that survives every path a dataset takes (save_to_disk, parquet shards on the Hub,
+  streaming, ``map``/``filter``/``concatenate``); parquet dictionary-encodes it, so it costs next to
+  nothing. Read it with :func:`screen_channel_names`.
+* the standard metadata columns in :data:`METADATA_FEATURES`, all required. Extra columns are kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import pandas as pd
+from PIL import Image as PILImage
+
+logger = logging.getLogger(__name__)
+
+IMAGE_COLUMN = "image"
+CHANNEL_NAMES_COLUMN = "channel_names"
+
+# Order matters only for readability of the saved schema.
+METADATA_FEATURES: dict[str, datasets.Value] = {
+    "plate": datasets.Value("string"),
+    "well": datasets.Value("string"),
+    "site": datasets.Value("string"),
+    "batch": datasets.Value("string"),
+    "compound": datasets.Value("string"),
+    "concentration": datasets.Value("float64"),
+    "treatment": datasets.Value("string"),
+    "moa": datasets.Value("string"),
+    "is_control": datasets.Value("bool"),
+}
+REQUIRED_COLUMNS: tuple[str, ...] = tuple(METADATA_FEATURES)
+# Columns a user may leave out of their table because they have a well-defined default.
+DERIVABLE_COLUMNS: tuple[str, ...] = ("treatment", "moa")
+# A missing value is allowed only in these columns (moa is unknown for many screens).
+NULLABLE_COLUMNS: tuple[str, ...] = ("moa",)
+
+SUPPORTED_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
+PNG_COMPRESS_LEVEL = 3  # zlib level: lossless either way; 3 is ~3x faster than 6 at ~3% bigger files
+
+
+class ScreenDataError(ValueError):
+    """Bad screen data (metadata or pixels); the message names the row, file and/or column."""
+
+
+class MissingColumnError(ScreenDataError):
+    """A required metadata column is absent."""
+
+
+class ImageReadError(ScreenDataError):
+    """An image file exists but cannot be decoded (corrupt, truncated, unsupported)."""
+
+
+class ImageShapeError(ScreenDataError):
+    """An image's channel count, size or dtype differs from the rest of the screen."""
+
+
+class DuplicateRowError(ScreenDataError):
+    """Two metadata rows name the same image(s)."""
+
+
+class MissingImageError(ScreenDataError, FileNotFoundError):
+    """A file named in the metadata table does not exist."""
+
+
+# --------------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------------
+
+
+def screen_features(extra_features: Mapping[str, Any] | None = None) -> datasets.Features:
+    """The ``datasets.Features`` of a screen dataset, with optional extra (kept) columns."""
+    features = {
+        IMAGE_COLUMN: datasets.List(datasets.Image()),
+        CHANNEL_NAMES_COLUMN: datasets.List(datasets.Value("string")),
+        **METADATA_FEATURES,
+    }
+    for name, feature in (extra_features or {}).items():
+        if name not in features:
+            features[name] = feature
+    return datasets.Features(features)
+
+
+def default_treatment(compound: str, concentration: float) -> str:
+    """The treatment id used when the table has none: ``"taxol@0.3"``; ``"DMSO@0"`` for vehicle."""
+    return f"{compound}@{float(concentration):g}"
+
+
+def default_channel_names(num_channels: int) -> list[str]:
+    return [f"channel_{index}" for index in range(num_channels)]
+
+
+def apply_column_mapping(table: pd.DataFrame, column_mapping: Mapping[str, str] | None) -> pd.DataFrame:
+    """Rename the user's columns to the standard names: ``{"Metadata_Plate": "plate", ...}``.
+
+    A mapping whose source column is absent is an error (a typo would otherwise silently leave a
+    required column missing); so is mapping two columns onto one standard name.
+    """
+    if not column_mapping:
+        return table
+    missing = [source for source in column_mapping if source not in table.columns]
+    if missing:
+        raise MissingColumnError(
+            f"column_mapping names column(s) {missing} that the table does not have; "
+            f"table columns: {list(table.columns)}"
+        )
+    targets = list(column_mapping.values())
+    duplicated = sorted({t for t in targets if targets.count(t) > 1})
+    if duplicated:
+        raise ScreenDataError(f"column_mapping maps several columns onto {duplicated}")
+    clashing = [
+        t for source, t in column_mapping.items() if t in table.columns and t not in column_mapping and t != source
+    ]
+    if clashing:
+        raise ScreenDataError(
+            f"column_mapping renames onto {clashing}, but the table already has column(s) of that name"
+        )
+    return table.rename(columns=dict(column_mapping))
+
+
+def _is_missing(value: Any) -> bool:
+    if value is None:
+        return True
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer, float, np.floating)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in {"true", "false", "1", "0", "yes", "no"}:
+        return value.strip().lower() in {"true", "1", "yes"}
+    raise ValueError(f"expected a boolean (true/false/1/0), got {value!r}")
+
+
+def _as_text(value: Any) -> str:
+    # Integers read by pandas as floats (site 1 -> 1.0) must not turn into "1.0".
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def check_metadata(
+    table: pd.DataFrame,
+    column_mapping: Mapping[str, str] | None = None,
+    row_labels: Sequence[str] | None = None,
+    nullable: Iterable[str] = NULLABLE_COLUMNS,
+) -> tuple[pd.DataFrame, dict[int, str]]:
+    """Coerce a metadata table to the standard schema and find its bad rows.
+
+    Returns the coerced table (same rows, same order, index reset) and ``{row position: reason}``
+    for rows with an empty required value, a non-numeric concentration or a non-boolean
+    ``is_control``. A missing required *column* raises :class:`MissingColumnError` at once.
+    ``treatment`` defaults to ``compound@concentration``; ``moa`` to missing.
+    """
+    table = apply_column_mapping(table.copy(), column_mapping).reset_index(drop=True)
+    labels = list(row_labels) if row_labels is not None else [f"metadata row {i}" for i in range(len(table))]
+    nullable = set(nullable)
+    if "moa" not in table.columns:
+        table["moa"] = None
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns and c not in DERIVABLE_COLUMNS]
+    if missing:
+        raise MissingColumnError(
+            f"required column(s) {missing} missing from the metadata table; columns present: "
+            f"{list(table.columns)} (map your own names with column_mapping={{'your_name': 'plate', ...}})"
+        )
+    problems: dict[int, str] = {}
+
+    def note(position: int, column: str, reason: str) -> None:
+        problems.setdefault(position, f"{labels[position]}, column {column!r}: {reason}")
+
+    for column in REQUIRED_COLUMNS:
+        if column in nullable or column not in table.columns:
+            continue
+        for position, value in enumerate(table[column]):
+            if _is_missing(value) or str(value).strip() == "":
+                note(position, column, "required value is empty")
+    concentrations = []
+    for position, value in enumerate(table["concentration"]):
+        try:
+            concentrations.append(math.nan if _is_missing(value) else float(value))
+        except (TypeError, ValueError):
+            note(position, "concentration", f"expected a number, got {value!r}")
+            concentrations.append(math.nan)
+    table["concentration"] = np.asarray(concentrations, dtype="float64")
+    flags = []
+    for position, value in enumerate(table["is_control"]):
+        try:
+            flags.append(False if _is_missing(value) else _as_bool(value))
+        except ValueError as error:
+            note(position, "is_control", str(error))
+            flags.append(False)
+    table["is_control"] = flags
+    for column in ("plate", "well", "site", "batch", "compound"):
+        table[column] = ["" if _is_missing(v) else _as_text(v) for v in table[column]]
+    if "treatment" not in table.columns:
+        table["treatment"] = [
+            default_treatment(c, x) if not math.isnan(x) else c
+            for c, x in zip(table["compound"], table["concentration"], strict=True)
+        ]
+    else:
+        table["treatment"] = ["" if _is_missing(v) else _as_text(v) for v in table["treatment"]]
+    table["moa"] = [None if _is_missing(v) else str(v) for v in table["moa"]]
+    return table, dict(sorted(problems.items()))
+
+
+def normalize_metadata(
+    table: pd.DataFrame,
+    column_mapping: Mapping[str, str] | None = None,
+    row_labels: Sequence[str] | None = None,
+    nullable: Iterable[str] = NULLABLE_COLUMNS,
+) -> pd.DataFrame:
+    """:func:`check_metadata` that raises :class:`ScreenDataError` on the first bad row."""
+    table, problems = check_metadata(table, column_mapping, row_labels, nullable)
+    if problems:
+        raise ScreenDataError(next(iter(problems.values())))
+    return table
+
+
+def validate_screen_features(features: datasets.Features | None, where: str = "dataset") -> None:
+    """Raise :class:`MissingColumnError` unless ``features`` has the image and required columns."""
+    if features is None:
+        return  # a streamed dataset without known features; rows are checked when decoded
+    missing = [c for c in (IMAGE_COLUMN, *REQUIRED_COLUMNS) if c not in features]
+    if missing:
+        raise MissingColumnError(
+            f"{where} lacks required column(s) {missing}; it has {list(features)}. "
+            "Pass column_mapping={'their_name': 'standard_name'} to rename."
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Pixels
+# --------------------------------------------------------------------------------------------
+
+
+def check_pixel_array(array: np.ndarray, where: str) -> np.ndarray:
+    """Validate a (C, H, W) uint8/uint16 array; returns it C-contiguous."""
+    array = np.asarray(array)
+    if array.ndim != 3:
+        raise ImageShapeError(f"{where}: expected a (C, H, W) array, got shape {array.shape}")
+    if array.dtype not in SUPPORTED_DTYPES:
+        raise ImageShapeError(
+            f"{where}: expected uint8 or uint16 pixels (stored losslessly as PNG), got {array.dtype}"
+        )
+    if min(array.shape) == 0:
+        raise ImageShapeError(f"{where}: empty image of shape {array.shape}")
+    return np.ascontiguousarray(array)
+
+
+def encode_channel(plane: np.ndarray) -> dict[str, Any]:
+    """One (H, W) uint8/uint16 plane as a lossless PNG in the ``Image()`` storage format."""
+    buffer = io.BytesIO()
+    PILImage.fromarray(np.ascontiguousarray(plane)).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return {"bytes": buffer.getvalue(), "path": None}
+
+
+def encode_image(array: np.ndarray, where: str = "image") -> list[dict[str, Any]]:
+    """A (C, H, W) uint8/uint16 array as the value of the ``image`` column."""
+    array = check_pixel_array(array, where)
+    return [encode_channel(plane) for plane in array]
+
+
+def _plane_from_value(value: Any) -> np.ndarray:
+    if isinstance(value, PILImage.Image):
+        plane = np.asarray(value)
+    elif isinstance(value, Mapping):  # undecoded storage: {"bytes": ..., "path": ...}
+        if value.get("bytes") is not None:
+            with PILImage.open(io.BytesIO(value["bytes"])) as image:
+                plane = np.asarray(image)
+        elif value.get("path"):
+            with PILImage.open(value["path"]) as image:
+                plane = np.asarray(image)
+        else:
+            raise ScreenDataError(f"image value has neither bytes nor path: {value!r}")
+    elif isinstance(value, (bytes, bytearray)):
+        with PILImage.open(io.BytesIO(value)) as image:
+            plane = np.asarray(image)
+    else:
+        plane = np.asarray(value.numpy() if hasattr(value, "numpy") else value)
+    if plane.ndim == 3 and 1 in (plane.shape[0], plane.shape[-1]):
+        plane = plane.reshape(plane.shape[1:] if plane.shape[0] == 1 else plane.shape[:-1])
+    if plane.ndim != 2:
+        raise ImageShapeError(f"each channel must be a single-channel image, got shape {plane.shape}")
+    if plane.dtype not in SUPPORTED_DTYPES:
+        # Some readers widen 16-bit greyscale to int32 ("I" mode). PNG holds at most 16 bits, so the
+        # values fit; cast back so the dtype is the stored one.
+        if np.issubdtype(plane.dtype, np.integer) and plane.size and plane.min() >= 0 and plane.max() <= 65535:
+            plane = plane.astype(np.uint16)
+        else:
+            raise ImageShapeError(f"channel has unsupported pixel type {plane.dtype}")
+    return plane
+
+
+def decode_image(value: Any) -> np.ndarray:
+    """A row's ``image`` value -> (C, H, W) numpy array in the original dtype (uint8 or uint16).
+
+    Accepts what the ``image`` column yields in every mode: a list of PIL images (default decoding),
+    a list of ``{"bytes", "path"}`` dicts (``decode=False``), a list of (H, W) arrays (numpy
+    formatting), or an already stacked (C, H, W) array / tensor.
+    """
+    if hasattr(value, "numpy") and not isinstance(value, np.ndarray):  # torch tensor
+        value = value.numpy()
+    if isinstance(value, np.ndarray) and value.ndim == 4 and value.shape[1] == 1:
+        value = value[:, 0]  # the torch formatter yields (C, 1, H, W)
+    if isinstance(value, np.ndarray) and value.ndim == 3:
+        if value.dtype not in SUPPORTED_DTYPES:
+            raise ImageShapeError(f"image has unsupported pixel type {value.dtype}")
+        return value
+    if isinstance(value, (PILImage.Image, Mapping, bytes)):
+        value = [value]
+    planes = [_plane_from_value(v) for v in value]
+    if not planes:
+        raise ImageShapeError("image value has no channels")
+    shapes = {p.shape for p in planes}
+    dtypes = {p.dtype for p in planes}
+    if len(shapes) > 1 or len(dtypes) > 1:
+        raise ImageShapeError(f"channels of one image differ: shapes {sorted(shapes)}, dtypes {sorted(map(str, dtypes))}")
+    return np.stack(planes)
+
+
+# --------------------------------------------------------------------------------------------
+# Building from arrays
+# --------------------------------------------------------------------------------------------
+
+
+def _extra_feature_for(series: pd.Series) -> Any:
+    """A ``datasets`` feature for an extra column, inferred the way Arrow would infer it."""
+    import pyarrow as pa
+
+    arrow_type = pa.array(series.astype(object).where(series.notna(), None).tolist(), from_pandas=True).type
+    if pa.types.is_null(arrow_type):
+        return datasets.Value("string")
+    return datasets.features.features.generate_from_arrow_type(arrow_type)
+
+
+def dataset_from_arrays(
+    images: Sequence[np.ndarray] | np.ndarray,
+    metadata: pd.DataFrame,
+    channel_names: Sequence[str] | None = None,
+    column_mapping: Mapping[str, str] | None = None,
+) -> datasets.Dataset:
+    """An in-memory screen dataset from (C, H, W) uint8/uint16 arrays and a metadata table.
+
+    ``images``: a sequence of (C, H, W) arrays or one (N, C, H, W) array; all must share channel
+    count, size and dtype. ``metadata``: one row per image with the required columns (``treatment``
+    and ``moa`` may be omitted); extra columns are kept.
+    """
+    if len(images) != len(metadata):
+        raise ScreenDataError(f"got {len(images)} images but {len(metadata)} metadata rows")
+    if len(metadata) == 0:
+        raise ScreenDataError("cannot build a screen dataset from zero images")
+    table = normalize_metadata(metadata, column_mapping)
+    reference = check_pixel_array(images[0], "image 0")
+    names = list(channel_names) if channel_names is not None else default_channel_names(reference.shape[0])
+    if len(names) != reference.shape[0]:
+        raise ImageShapeError(f"channel_names has {len(names)} names but images have {reference.shape[0]} channels")
+    encoded = []
+    for index, array in enumerate(images):
+        array = check_pixel_array(array, f"image {index}")
+        if array.shape != reference.shape or array.dtype != reference.dtype:
+            raise ImageShapeError(
+                f"image {index}: expected shape {reference.shape} {reference.dtype} like image 0, "
+                f"got {array.shape} {array.dtype}"
+            )
+        encoded.append(encode_image(array))
+    extra_columns = [c for c in table.columns if c not in REQUIRED_COLUMNS and c not in (IMAGE_COLUMN, CHANNEL_NAMES_COLUMN)]
+    features = screen_features({c: _extra_feature_for(table[c]) for c in extra_columns})
+    columns: dict[str, list] = {IMAGE_COLUMN: encoded, CHANNEL_NAMES_COLUMN: [names] * len(table)}
+    for column in features:
+        if column not in columns:
+            columns[column] = table[column].astype(object).where(table[column].notna(), None).tolist()
+    return datasets.Dataset.from_dict(columns, features=features)
+
+
+def screen_channel_names(dataset: datasets.Dataset | datasets.IterableDataset | Mapping[str, Any]) -> list[str]:
+    """The channel names of a screen dataset (or of one row)."""
+    if isinstance(dataset, Mapping) and CHANNEL_NAMES_COLUMN in dataset:
+        return list(dataset[CHANNEL_NAMES_COLUMN])
+    column_names = dataset.column_names
+    if column_names is not None and CHANNEL_NAMES_COLUMN not in column_names:
+        raise MissingColumnError(f"dataset has no {CHANNEL_NAMES_COLUMN!r} column; columns: {column_names}")
+    if isinstance(dataset, datasets.Dataset):
+        if len(dataset) == 0:
+            raise ScreenDataError("dataset is empty; its channel names are unknown")
+        return list(dataset[0][CHANNEL_NAMES_COLUMN])
+    first = next(iter(dataset.select_columns([CHANNEL_NAMES_COLUMN])), None)
+    if first is None:
+        raise ScreenDataError("dataset is empty; its channel names are unknown")
+    return list(first[CHANNEL_NAMES_COLUMN])
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return any((path / name).is_file() for name in ("dataset_dict.json", "dataset_info.json", "state.json"))
+
+
+def load_screen(
+    name_or_path: str | os.PathLike,
+    split: str | None = "train",
+    streaming: bool = False,
+    revision: str | None = None,
+    column_mapping: Mapping[str, str] | None = None,
+    cache_dir: str | None = None,
+    token: str | bool | None = None,
+) -> datasets.Dataset | datasets.IterableDataset | datasets.DatasetDict | datasets.IterableDatasetDict:
+    """Load a screen dataset from a local folder or a Hub dataset id, checking its schema.
+
+    * a folder written by the builder (``save_to_disk``) is memory-mapped; with ``streaming=True``
+      it is turned into an ``IterableDataset`` (one shard per arrow file);
+    * any other folder (e.g. a clone of a Hub repo with parquet shards) or a Hub id goes through
+      ``datasets.load_dataset``; ``streaming=True`` reads the Hub parquet shards without downloading
+      the dataset.
+
+    ``split=None`` returns every split. ``column_mapping`` renames the dataset's own columns to the
+    standard names (``{"Metadata_Plate": "plate"}``) before the required columns are checked.
+    Decode pixels with :func:`decode_image`.
+    """
+    path = Path(name_or_path)
+    if path.is_dir() and _is_saved_dataset(path):
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict) and split is not None:
+            if split not in loaded:
+                raise ScreenDataError(f"{path} has no split {split!r}; splits: {list(loaded)}")
+            loaded = loaded[split]
+        if streaming:
+            if isinstance(loaded, datasets.DatasetDict):
+                loaded = datasets.IterableDatasetDict(
+                    {name: part.to_iterable_dataset(num_shards=max(1, len(part.cache_files))) for name, part in loaded.items()}
+                )
+            else:
+                loaded = loaded.to_iterable_dataset(num_shards=max(1, len(loaded.cache_files)))
+    elif path.exists() and not path.is_dir():
+        raise ScreenDataError(f"{path} is a file; expected a dataset folder or a Hub dataset id")
+    else:
+        loaded = datasets.load_dataset(
+            str(name_or_path), split=split, streaming=streaming, revision=revision, cache_dir=cache_dir, token=token
+        )
+    parts = loaded.values() if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)) else [loaded]
+    if column_mapping:
+        loaded = loaded.rename_columns(dict(column_mapping))
+        parts = loaded.values() if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)) else [loaded]
+    for part in parts:
+        validate_screen_features(part.features, where=str(name_or_path))
+    return loaded
+
+
+# --------------------------------------------------------------------------------------------
+# Per-plate intensity statistics
+# --------------------------------------------------------------------------------------------
+
+STATISTICS_VERSION = 1  # bump when the computation changes, to invalidate old cache files
+
+
+@dataclass
+class PlateStatistics:
+    """Per-channel intensity mean and standard deviation of one plate (over all pixels)."""
+
+    plate: str
+    mean: np.ndarray  # float64, (C,)
+    std: np.ndarray  # float64, (C,), population std
+    num_images: int
+    source: str  # "controls" or "all": what the numbers were computed over
+
+    def to_json(self) -> dict[str, Any]:
+        return {"plate": self.plate, "mean": self.mean.tolist(), "std": self.std.tolist(), "num_images": self.num_images, "source": self.source}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> PlateStatistics:
+        return cls(data["plate"], np.asarray(data["mean"], dtype=np.float64), np.asarray(data["std"], dtype=np.float64), int(data["num_images"]), data["source"])
+
+
+@dataclass
+class _RunningMoments:
+    """Per-channel count/mean/M2, merged image by image (Chan et al.), so large uint16 sums stay exact."""
+
+    count: float = 0.0
+    mean: np.ndarray | None = None
+    m2: np.ndarray | None = None
+    images: int = 0
+
+    def add(self, pixels: np.ndarray) -> None:
+        flat = pixels.reshape(pixels.shape[0], -1).astype(np.float64)
+        n = float(flat.shape[1])
+        mean = flat.mean(axis=1)
+        m2 = ((flat - mean[:, None]) ** 2).sum(axis=1)
+        self.images += 1
+        if self.mean is None:
+            self.count, self.mean, self.m2 = n, mean, m2
+            return
+        if mean.shape != self.mean.shape:
+            raise ImageShapeError(f"images of one plate have {self.mean.shape[0]} and {mean.shape[0]} channels")
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta**2 * (self.count * n / total)
+        self.count = total
+
+    def statistics(self, plate: str, source: str) -> PlateStatistics:
+        return PlateStatistics(plate, self.mean.copy(), np.sqrt(self.m2 / self.count), self.images, source)
+
+
+_STATISTICS_MEMORY: dict[str, dict[str, PlateStatistics]] = {}
+
+
+def _dataset_identity(dataset: datasets.Dataset | datasets.IterableDataset) -> str | None:
+    """A string that changes whenever the dataset's content does, or None if there is none."""
+    if isinstance(dataset, datasets.Dataset):
+        return dataset._fingerprint
+    # A streamed Hub dataset reads files resolved to a commit ("hf://datasets/org/name@<sha>/..."),
+    # so its file list identifies the content; a local stream's files carry no version, so no identity.
+    files = []
+    iterable = getattr(dataset, "_ex_iterable", None)
+    while iterable is not None:
+        kwargs = getattr(iterable, "kwargs", None) or {}
+        for value in kwargs.values():
+            if isinstance(value, (list, tuple)):
+                files.extend(str(v) for v in value if isinstance(v, str) or hasattr(v, "__fspath__"))
+        iterable = getattr(iterable, "ex_iterable", None)
+    commit_pinned = [f for f in files if re.search(r"@[0-9a-f]{40}/", f)]
+    if commit_pinned and len(commit_pinned) == len(files):
+        return "stream:" + ",".join(sorted(files)) + f":{dataset.split}"
+    return None
+
+
+def plate_statistics(
+    dataset: datasets.Dataset | datasets.IterableDataset,
+    source: str = "controls",
+    cache_dir: str | os.PathLike | None = None,
+) -> dict[str, PlateStatistics]:
+    """Per-plate, per-channel mean/std of the raw intensities, computed once and cached.
+
+    ``source="controls"`` uses the plate's control images (``is_control``); a plate without any
+    falls back to all its images (``PlateStatistics.source`` says which). ``source="all"`` uses every
+    image. Results are memoised in the process and, when the dataset has a stable identity (its
+    fingerprint, or a Hub stream pinned to a commit), written to
+    ``cache_dir`` (default: ``<HF datasets cache>/cdcl_plate_statistics``) as JSON.
+    """
+    if source not in ("controls", "all"):
+        raise ValueError(f"source must be 'controls' or 'all', got {source!r}")
+    identity = _dataset_identity(dataset)
+    cache_file = None
+    if identity is not None:
+        key = hashlib.sha256(f"{STATISTICS_VERSION}:{source}:{identity}".encode()).hexdigest()[:32]
+        if key in _STATISTICS_MEMORY:
+            return dict(_STATISTICS_MEMORY[key])
+        directory = Path(cache_dir) if cache_dir is not None else Path(datasets.config.HF_DATASETS_CACHE) / "cdcl_plate_statistics"
+        cache_file = directory / f"{key}.json"
+        if cache_file.is_file():
+            stored = json.loads(cache_file.read_text())
+            result = {plate: PlateStatistics.from_json(v) for plate, v in stored["plates"].items()}
+            _STATISTICS_MEMORY[key] = result
+            return dict(result)
+    if dataset.column_names is not None:
+        missing = [c for c in (IMAGE_COLUMN, "plate", "is_control") if c not in dataset.column_names]
+        if missing:
+            raise MissingColumnError(f"plate_statistics needs column(s) {missing}; dataset has {dataset.column_names}")
+    columns = dataset.select_columns([IMAGE_COLUMN, "plate", "is_control"])
+    controls: dict[str, _RunningMoments] = {}
+    everything: dict[str, _RunningMoments] = {}
+    rows = columns.iter(batch_size=64) if isinstance(columns, datasets.Dataset) else columns.iter(batch_size=64)
+    for batch in rows:
+        for image, plate, is_control in zip(batch[IMAGE_COLUMN], batch["plate"], batch["is_control"], strict=True):
+            pixels = decode_image(image)
+            everything.setdefault(plate, _RunningMoments()).add(pixels)
+            if source == "controls" and is_control:
+                controls.setdefault(plate, _RunningMoments()).add(pixels)
+    result = {}
+    for plate in sorted(everything):
+        if source == "controls" and plate in controls:
+            result[plate] = controls[plate].statistics(plate, "controls")
+        else:
+            if source == "controls":
+                logger.warning("plate %s has no control images; its statistics use all %d images", plate, everything[plate].images)
+            result[plate] = everything[plate].statistics(plate, "all")
+    if identity is not None:
+        _STATISTICS_MEMORY[key] = result
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        temporary = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_text(json.dumps({"source": source, "plates": {p: s.to_json() for p, s in result.items()}}))
+        os.replace(temporary, cache_file)  # atomic, so a concurrent reader never sees half a file
+    return dict(result)

@@ -1,0 +1,215 @@
+"""Profiling: aggregation, correction, parquet round trip, embedding extraction."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cdcl_hf.profiling import (
+    aggregate_profiles,
+    correct_profiles,
+    extract_embeddings,
+    feature_columns,
+    read_profiles,
+    tile_offsets,
+    write_profiles,
+)
+
+
+def image_table():
+    """Six image profiles: two wells on plate P1 (one control), one well on P2 (week 2)."""
+    return pd.DataFrame(
+        {
+            "Metadata_plate": ["P1", "P1", "P1", "P1", "P2", "P2"],
+            "Metadata_well": ["A01", "A01", "A02", "A02", "A01", "A01"],
+            "Metadata_batch": ["W1", "W1", "W1", "W1", "W2", "W2"],
+            "Metadata_treatment": ["t", "t", "DMSO", "DMSO", "t", "t"],
+            "Metadata_site": ["1", "2", "1", "2", "1", "2"],
+            "f1": [1.0, 3.0, 0.0, 10.0, 5.0, 7.0],
+            "f2": [2.0, 2.0, 4.0, 4.0, 0.0, 1.0],
+        }
+    )
+
+
+def test_aggregate_image_to_well_to_treatment():
+    wells = aggregate_profiles(image_table(), by=["Metadata_plate", "Metadata_well"], method="mean")
+    assert wells["f1"].tolist() == [2.0, 5.0, 6.0]
+    assert "Metadata_site" not in wells.columns  # varies within a well: dropped, as pycytominer does
+    assert wells["Metadata_batch"].tolist() == ["W1", "W1", "W2"]  # constant within a well: kept
+    assert wells["Metadata_n_profiles"].tolist() == [2, 2, 2]
+
+    treatments = aggregate_profiles(wells, by=["Metadata_treatment"], method="median", collect=["Metadata_batch"])
+    treated = treatments.set_index("Metadata_treatment").loc["t"]
+    assert treated["f1"] == 4.0  # median of the well means 2 and 6
+    assert treated["Metadata_batch"] == ("W1", "W2")
+
+
+def test_aggregate_rejects_bad_input():
+    table = image_table()
+    with pytest.raises(ValueError, match="method"):
+        aggregate_profiles(table, by=["Metadata_well"], method="max")
+    with pytest.raises(ValueError, match="Metadata_moa"):
+        aggregate_profiles(table, by=["Metadata_moa"])
+    with pytest.raises(ValueError, match="NaN"):
+        aggregate_profiles(table.assign(f1=np.nan), by=["Metadata_well"])
+    with pytest.raises(ValueError, match="non-numeric"):
+        feature_columns(table.rename(columns={"Metadata_site": "site"}))
+
+
+def plate_table():
+    """Two plates; plate P2 is P1 shifted by +100 and scaled x2, controls included."""
+    base = np.array([[0.0, 1.0], [2.0, 3.0], [4.0, 2.0], [10.0, 10.0]])
+    features = np.vstack([base, base * 2 + 100])
+    return pd.DataFrame(
+        {
+            "Metadata_plate": ["P1"] * 4 + ["P2"] * 4,
+            "Metadata_is_control": [True, True, True, False] * 2,
+            "f1": features[:, 0],
+            "f2": features[:, 1],
+        }
+    )
+
+
+def test_zscore_and_mad_remove_plate_effects():
+    table = plate_table()
+    for method in ("zscore", "mad"):
+        corrected = correct_profiles(table, method)
+        p1 = corrected[corrected["Metadata_plate"] == "P1"][["f1", "f2"]].to_numpy()
+        p2 = corrected[corrected["Metadata_plate"] == "P2"][["f1", "f2"]].to_numpy()
+        np.testing.assert_allclose(p1, p2)  # the shift and scale between plates are gone
+    zscored = correct_profiles(table, "zscore")
+    # Plate P1 f1 controls 0, 2, 4: mean 2, std 2 -> the treated well at 10 becomes 4.
+    assert zscored.loc[3, "f1"] == pytest.approx(4.0)
+    robust = correct_profiles(table, "mad")
+    # median 2, MAD 2 -> (10 - 2) / (1.4826 * 2)
+    assert robust.loc[3, "f1"] == pytest.approx(8 / (1.4826 * 2))
+
+
+def test_tvn_and_sphering_whiten_the_controls():
+    rng = np.random.default_rng(0)
+    mixing = np.array([[3.0, 0.0, 0.0], [1.0, 0.5, 0.0], [0.0, 2.0, 1.0]])
+    features = rng.normal(size=(60, 3)) @ mixing
+    table = pd.DataFrame(features, columns=["a", "b", "c"]).assign(
+        Metadata_is_control=[True] * 50 + [False] * 10, Metadata_plate="P1"
+    )
+    for method in ("tvn", "sphering"):
+        corrected = correct_profiles(table, method, epsilon=0.0)
+        controls = corrected[corrected["Metadata_is_control"]].drop(columns=["Metadata_is_control", "Metadata_plate"])
+        np.testing.assert_allclose(np.cov(controls.to_numpy(), rowvar=False), np.eye(3), atol=1e-8)
+        np.testing.assert_allclose(controls.mean().to_numpy(), 0.0, atol=1e-10)
+    assert feature_columns(correct_profiles(table, "sphering")) == ["a", "b", "c"]  # ZCA keeps the axes
+    assert feature_columns(correct_profiles(table, "tvn")) == ["tvn_0000", "tvn_0001", "tvn_0002"]
+
+
+def test_correction_bad_input():
+    table = plate_table()
+    with pytest.raises(ValueError, match="no negative control"):
+        correct_profiles(table.assign(Metadata_is_control=[True, False] * 2 + [False] * 4), "zscore")
+    with pytest.raises(ValueError, match="marks none"):
+        correct_profiles(table.assign(Metadata_is_control=False), "tvn")
+    with pytest.raises(ValueError, match="Metadata_is_control"):
+        correct_profiles(table.drop(columns="Metadata_is_control"), "mad")
+    with pytest.raises(ValueError, match="NaN"):
+        correct_profiles(table.assign(f1=np.nan), "none")
+    with pytest.raises(ValueError, match="correction must be"):
+        correct_profiles(table, "combat")
+
+
+def test_parquet_round_trip_keeps_collected_batches(tmp_path):
+    wells = aggregate_profiles(image_table(), by=["Metadata_plate", "Metadata_well"])
+    treatments = aggregate_profiles(wells, by=["Metadata_treatment"], collect=["Metadata_batch"])
+    path = write_profiles(treatments, tmp_path / "profiles.parquet")
+    again = read_profiles(path)
+    pd.testing.assert_frame_equal(again, treatments, check_dtype=False)
+
+
+def test_tile_offsets_cover_the_image():
+    assert tile_offsets(68, 32, 32) == [0, 32, 36]
+    assert tile_offsets(64, 32, 16) == [0, 16, 32]
+    with pytest.raises(ValueError, match="larger"):
+        tile_offsets(16, 32, 32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Extraction with a tiny random CDCL model
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_screen():
+    from cdcl_hf.screen_data import dataset_from_arrays
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 4000, size=(5, 3, 48, 48), dtype=np.uint16)
+    metadata = pd.DataFrame(
+        {
+            "plate": ["P1"] * 3 + ["P2"] * 2,
+            "well": ["A01", "A01", "A02", "A01", "A02"],
+            "site": ["1", "2", "1", "1", "1"],
+            "batch": ["W1"] * 3 + ["W2"] * 2,
+            "compound": ["DMSO", "DMSO", "taxol", "DMSO", "taxol"],
+            "concentration": [0.0, 0.0, 1.0, 0.0, 1.0],
+            "moa": [None, None, "Microtubule stabilizers", None, "Microtubule stabilizers"],
+            "is_control": [True, True, False, True, False],
+        }
+    )
+    return dataset_from_arrays(images, metadata), images
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from cdcl_hf import CDCLConfig, CDCLModel
+
+    torch.manual_seed(0)
+    return CDCLModel(CDCLConfig.from_preset("tiny", num_channels=3)).eval()
+
+
+def test_extract_embeddings_writes_metadata_columns(tiny_screen, tiny_model):
+    dataset, _ = tiny_screen
+    profiles = extract_embeddings(tiny_model, dataset, batch_size=2, device="cpu", progress=False)
+    assert len(profiles) == 5
+    assert {"Metadata_plate", "Metadata_well", "Metadata_treatment", "Metadata_moa", "Metadata_is_control"} <= set(
+        profiles.columns
+    )
+    features = feature_columns(profiles)
+    assert len(features) == tiny_model.config.hidden_size
+    assert profiles["Metadata_plate"].tolist() == ["P1", "P1", "P1", "P2", "P2"]
+    # Batch size must not change the numbers.
+    one_by_one = extract_embeddings(tiny_model, dataset, batch_size=1, device="cpu", progress=False)
+    np.testing.assert_allclose(one_by_one[features], profiles[features], atol=1e-5)
+
+
+def test_tiled_embedding_is_the_mean_of_its_tiles(tiny_screen, tiny_model):
+    from cdcl_hf.screen_data import dataset_from_arrays
+
+    dataset, images = tiny_screen
+    tiled = extract_embeddings(tiny_model, dataset.select([0]), tile_size=32, device="cpu", progress=False)
+    # The 48-px image gives tiles at offsets 0 and 16 in each direction: four tiles.
+    corners = [images[0][:, top : top + 32, left : left + 32] for top in (0, 16) for left in (0, 16)]
+    metadata = pd.DataFrame(
+        {"plate": ["P1"] * 4, "well": ["A01"] * 4, "site": list("1234"), "batch": ["W1"] * 4,
+         "compound": ["DMSO"] * 4, "concentration": [0.0] * 4, "is_control": [True] * 4}
+    )
+    per_tile = extract_embeddings(tiny_model, dataset_from_arrays(corners, metadata), device="cpu", progress=False)
+    features = feature_columns(tiled)
+    np.testing.assert_allclose(tiled[features].to_numpy()[0], per_tile[features].to_numpy().mean(axis=0), atol=1e-5)
+
+
+def test_channel_mismatch_is_a_clear_error(tiny_screen):
+    from cdcl_hf import CDCLConfig, CDCLModel
+
+    dataset, _ = tiny_screen
+    five_channel = CDCLModel(CDCLConfig.from_preset("tiny", num_channels=5))
+    with pytest.raises(ValueError, match="3 channels but the model expects 5"):
+        extract_embeddings(five_channel, dataset, device="cpu", progress=False)
+
+
+def test_extracts_with_a_plain_transformers_vit(tiny_screen):
+    """Any AutoModel image feature extractor works; without a processor images are standardised per image."""
+    from transformers import ViTConfig, ViTModel
+
+    config = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                       image_size=32, patch_size=8, num_channels=3)
+    dataset, _ = tiny_screen
+    profiles = extract_embeddings(ViTModel(config), dataset, device="cpu", progress=False)
+    assert profiles[feature_columns(profiles)].shape == (5, 32)

@@ -1,0 +1,213 @@
+"""Evaluate a checkpoint's embeddings on a screen: profiles, scores, table and plots in one folder.
+
+    python training/evaluate.py --model runs/cdcl/checkpoint --dataset_name data/bbbc021 \
+        --aggregate median --correction mad --output_dir eval/bbbc021
+
+Writes to --output_dir:
+    profiles_image.parquet   one row per image (Metadata_* columns + emb_* features)
+    profiles_well.parquet    per-well aggregate (when --profile_level well, the default)
+    profiles_evaluated.parquet  the corrected profiles the metrics were computed on
+    results.json             settings + every metric with value, n, defined, reason, details
+    results.md               the same as a markdown table
+    projection_batch_moa.png 2-D PCA projection coloured by batch and by MoA
+
+Definitions of every metric: docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# This file is named like the `evaluate` package; drop its own folder from the import path so that
+# any library importing `evaluate` gets the package, not this script.
+_SCRIPT_DIR = Path(__file__).resolve().parent
+sys.path = [entry for entry in sys.path if Path(entry or ".").resolve() != _SCRIPT_DIR]
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from cdcl_hf.metrics import evaluate_profiles, results_markdown_table  # noqa: E402
+from cdcl_hf.profiling import (  # noqa: E402
+    AGGREGATION_METHODS,
+    CORRECTION_METHODS,
+    aggregate_profiles,
+    correct_profiles,
+    extract_embeddings,
+    load_feature_extractor,
+    metadata_name,
+    split_profiles,
+    write_profiles,
+)
+
+logger = logging.getLogger("cdcl_hf.evaluate")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="checkpoint folder or Hub id (any AutoModel image model)")
+    parser.add_argument("--dataset_name", required=True,
+                        help='screen dataset: folder (save_to_disk or data files), Hub id, or "synthetic"')
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--trust_remote_code", action="store_true")
+    parser.add_argument("--synthetic_num_images", type=int, default=600, help='size of --dataset_name synthetic')
+    columns = parser.add_argument_group("dataset columns (names in the dataset, without Metadata_)")
+    columns.add_argument("--label_column", "--treatment_column", dest="treatment_column", default="treatment")
+    columns.add_argument("--batch_column", default="batch")
+    columns.add_argument("--plate_column", default="plate")
+    columns.add_argument("--well_column", default="well")
+    columns.add_argument("--compound_column", default="compound")
+    columns.add_argument("--moa_column", default="moa", help='"none" when the screen has no MoA annotation')
+    columns.add_argument("--control_column", default="is_control")
+    extraction = parser.add_argument_group("embedding extraction")
+    extraction.add_argument("--batch_size", type=int, default=64)
+    extraction.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    extraction.add_argument("--tile_size", type=int, default=None, help="embed tiles of this size and average them")
+    extraction.add_argument("--tile_stride", type=int, default=None)
+    extraction.add_argument("--max_images", type=int, default=None, help="evaluate only the first N images")
+    extraction.add_argument("--no_progress", action="store_true")
+    scoring = parser.add_argument_group("profiles and scores")
+    scoring.add_argument("--profile_level", choices=["image", "well"], default="well",
+                         help="replicate unit the metrics see (treatment level is always derived from it)")
+    scoring.add_argument("--aggregate", choices=AGGREGATION_METHODS, default="median")
+    scoring.add_argument("--correction", choices=CORRECTION_METHODS, default="none")
+    scoring.add_argument("--per_plate", action="store_true", help="tvn / sphering: standardise each plate first")
+    scoring.add_argument("--knn_k", type=int, default=10)
+    scoring.add_argument("--knn_temperature", type=float, default=0.1)
+    scoring.add_argument("--null_size", type=int, default=10000, help="copairs permutations for mAP p-values")
+    scoring.add_argument("--missing_moa", choices=["error", "drop"], default="error")
+    scoring.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def load_evaluation_dataset(name: str, split: str, synthetic_num_images: int = 600):
+    """The screen dataset to embed: "synthetic", a save_to_disk folder, or anything datasets.load_dataset reads."""
+    import datasets
+
+    if name == "synthetic":
+        from cdcl_hf.synthetic_screen import config_for_num_images, synthetic_screen_dataset
+
+        return synthetic_screen_dataset(config_for_num_images(synthetic_num_images))
+    from cdcl_hf import screen_data
+
+    if hasattr(screen_data, "load_screen"):
+        return screen_data.load_screen(name, split=split)
+    path = Path(name)
+    if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+        loaded = datasets.load_from_disk(str(path))
+        return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+    return datasets.load_dataset(name, split=split)
+
+
+def projection_plot(profiles: pd.DataFrame, batch_column: str, moa_column: str | None, path: Path) -> Path:
+    """Two panels of the same 2-D PCA projection, coloured by batch and by MoA (controls in grey)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.decomposition import PCA
+
+    matrix, meta = split_profiles(profiles)
+    coordinates = PCA(n_components=2).fit_transform(matrix) if matrix.shape[1] >= 2 else np.c_[matrix, matrix]
+    colourings = [("batch", meta[batch_column].astype(str))]
+    if moa_column is not None and moa_column in meta:
+        colourings.append(("MoA", meta[moa_column].fillna("unannotated / control").astype(str)))
+    figure, axes = plt.subplots(1, len(colourings), figsize=(7 * len(colourings), 6), squeeze=False)
+    for axis, (title, labels) in zip(axes[0], colourings, strict=True):
+        categories = sorted(labels.unique())
+        colours = plt.get_cmap("tab20", max(len(categories), 1))
+        for index, category in enumerate(categories):
+            chosen = (labels == category).to_numpy()
+            colour = "lightgrey" if category == "unannotated / control" else colours(index)
+            axis.scatter(coordinates[chosen, 0], coordinates[chosen, 1], s=10, color=colour, label=category)
+        axis.set_title(f"PCA of profiles, coloured by {title}")
+        axis.set_xlabel("PC 1")
+        axis.set_ylabel("PC 2")
+        axis.legend(fontsize=6, markerscale=1.5, loc="best", ncol=1 + len(categories) // 20)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    column = {key: metadata_name(getattr(args, f"{key}_column"))
+              for key in ("treatment", "batch", "plate", "well", "compound", "control")}
+    moa_column = None if args.moa_column.lower() == "none" else metadata_name(args.moa_column)
+
+    model, processor = load_feature_extractor(args.model, trust_remote_code=args.trust_remote_code)
+    dataset = load_evaluation_dataset(args.dataset_name, args.split, args.synthetic_num_images)
+    if args.max_images is not None:
+        dataset = dataset.select(range(min(args.max_images, len(dataset))))
+    images = extract_embeddings(
+        model, dataset, processor, batch_size=args.batch_size, device=args.device,
+        tile_size=args.tile_size, tile_stride=args.tile_stride, progress=not args.no_progress,
+    )
+    write_profiles(images, output_dir / "profiles_image.parquet")
+
+    profiles = images
+    if args.profile_level == "well":
+        profiles = aggregate_profiles(images, by=[column["plate"], column["well"]], method=args.aggregate)
+        write_profiles(profiles, output_dir / "profiles_well.parquet")
+    profiles = correct_profiles(
+        profiles, args.correction, control_column=column["control"], plate_column=column["plate"],
+        per_plate=args.per_plate,
+    )
+    write_profiles(profiles, output_dir / "profiles_evaluated.parquet")
+
+    results = evaluate_profiles(
+        profiles, treatment_column=column["treatment"], compound_column=column["compound"], moa_column=moa_column,
+        batch_column=column["batch"], plate_column=column["plate"], control_column=column["control"],
+        aggregate=args.aggregate, knn_k=args.knn_k, knn_temperature=args.knn_temperature,
+        null_size=args.null_size, missing_moa=args.missing_moa, seed=args.seed,
+    )
+    report = {
+        "model": str(args.model),
+        "dataset": str(args.dataset_name),
+        "split": args.split,
+        "settings": {key: getattr(args, key) for key in (
+            "profile_level", "aggregate", "correction", "per_plate", "tile_size", "tile_stride",
+            "knn_k", "knn_temperature", "null_size", "missing_moa", "seed", "max_images")},
+        "n_images": len(images),
+        "n_profiles": len(profiles),
+        "embedding_dim": int(split_profiles(images)[0].shape[1]),
+        "metrics": {name: result.to_dict() for name, result in results.items()},
+    }
+    (output_dir / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    header = (
+        f"# Profiling evaluation\n\nmodel `{args.model}`, dataset `{args.dataset_name}` ({args.split}), "
+        f"{len(images)} images -> {len(profiles)} {args.profile_level} profiles; aggregate {args.aggregate}, "
+        f"correction {args.correction}{' per plate' if args.per_plate else ''}.\n\n"
+    )
+    (output_dir / "results.md").write_text(header + results_markdown_table(results))
+    projection_plot(profiles, column["batch"], moa_column, output_dir / "projection_batch_moa.png")
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("copairs").setLevel(logging.WARNING)  # it logs every internal step at INFO
+    args = parse_args(argv)
+    report = run(args)
+    print(results_markdown_table_from_report(report))
+    print(f"wrote {args.output_dir}/results.json, results.md, projection_batch_moa.png and the profile parquets")
+
+
+def results_markdown_table_from_report(report: dict[str, Any]) -> str:
+    lines = []
+    for name, metric in report["metrics"].items():
+        value = f"{metric['value']:.3f}" if metric["defined"] else f"not defined ({metric['reason']})"
+        lines.append(f"{name:>30}: {value}  (n={metric['n']} {metric['unit']})")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
