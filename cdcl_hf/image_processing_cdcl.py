@@ -142,11 +142,11 @@ class CDCLImageProcessor(BaseImageProcessor):
             pixels, is_rgb_rendering = self._to_channels_first(image, input_data_format, index)
             pixels = self._resize_and_crop(torch.from_numpy(pixels))
             if is_rgb_rendering:
-                pixels = self._standardize_per_image(pixels)
+                pixels = standardize_per_image(pixels)
                 unmapped = [c for c, source in enumerate(self.rgb_channel_map) if source is None]
                 pixels[unmapped] = 0.0
             elif normalization == "per_image":
-                pixels = self._standardize_per_image(pixels)
+                pixels = standardize_per_image(pixels)
             elif normalization == "per_channel":
                 mean = torch.tensor(image_mean, dtype=torch.float32)[:, None, None]
                 std = torch.tensor(image_std, dtype=torch.float32)[:, None, None]
@@ -292,11 +292,13 @@ class CDCLImageProcessor(BaseImageProcessor):
             pixels = pixels[:, top : top + crop_height, left : left + crop_width]
         return pixels
 
-    @staticmethod
-    def _standardize_per_image(pixels: torch.Tensor) -> torch.Tensor:
-        mean = pixels.mean(dim=(-2, -1), keepdim=True)
-        std = pixels.std(dim=(-2, -1), keepdim=True, unbiased=False)
-        return (pixels - mean) / (std + STD_EPSILON)
+
+
+def standardize_per_image(pixels: torch.Tensor) -> torch.Tensor:
+    """Each channel of a (C, H, W) image to zero mean and unit std over its own pixels."""
+    mean = pixels.mean(dim=(-2, -1), keepdim=True)
+    std = pixels.std(dim=(-2, -1), keepdim=True, unbiased=False)
+    return (pixels - mean) / (std + STD_EPSILON)
 
 
 def _size_dict(size, name: str) -> dict[str, int]:
@@ -335,4 +337,4 @@ def _pil_plane(image, where: str) -> np.ndarray:
     return np.asarray(image)
 
 
-__all__ = ["CDCLImageProcessor", "NORMALIZATION_MODES"]
+__all__ = ["CDCLImageProcessor", "NORMALIZATION_MODES", "standardize_per_image"]

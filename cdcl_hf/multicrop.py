@@ -11,7 +11,7 @@ view. All randomness comes from one `torch.Generator`, so a crop set is reproduc
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,11 +19,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .image_processing_cdcl import standardize_per_image
+from .screen_data import decode_image
+
 __all__ = [
     "MultiCropAugmentation",
     "crop_sources",
     "PlateNormalizer",
     "ScreenImageLoader",
+    "per_image_normalizer",
     "sample_crop_box",
     "stack_views",
     "PRESETS",
@@ -266,34 +270,27 @@ class PlateNormalizer:
         return (image.float() - mean) / std
 
 
+def per_image_normalizer(image: torch.Tensor, plate: str | None = None) -> torch.Tensor:
+    """Per-image, per-channel standardisation, for screens trained without plate statistics; the rule of
+    `CDCLImageProcessor(normalization="per_image")`, so that inference sees what training saw."""
+    return standardize_per_image(image.float())
+
+
 class ScreenImageLoader:
     """Row of the screen schema -> normalised float (C,H,W) tensor (the ``image_loader`` for
-    `cdcl_hf.pairing.CrossDomainPairDataset`). Decoding uses `cdcl_hf.screen_data.decode_image`
-    when that module is present; otherwise a list of single-channel images is stacked."""
+    `cdcl_hf.pairing.CrossDomainPairDataset`). ``normalizer(image, plate)`` is a `PlateNormalizer`,
+    `per_image_normalizer`, or None for raw intensities."""
 
     def __init__(
         self,
-        normalizer: PlateNormalizer | None = None,
+        normalizer: Callable[[torch.Tensor, str], torch.Tensor] | None = None,
         image_column: str = "image",
         plate_column: str = "plate",
     ):
         self.normalizer, self.image_column, self.plate_column = normalizer, image_column, plate_column
 
-    @staticmethod
-    def _decode(value: Any) -> np.ndarray:
-        try:
-            from cdcl_hf.screen_data import decode_image
-        except ImportError:
-            decode_image = None
-        if decode_image is not None:
-            return decode_image(value)
-        if isinstance(value, (list, tuple)):
-            return np.stack([np.asarray(channel) for channel in value])
-        return np.asarray(value)
-
     def __call__(self, row: Mapping[str, Any]) -> torch.Tensor:
-        array = self._decode(row[self.image_column])
-        image = torch.from_numpy(np.asarray(array, dtype=np.float32))
+        image = torch.from_numpy(decode_image(row[self.image_column]).astype(np.float32))
         if self.normalizer is not None:
             image = self.normalizer(image, row[self.plate_column])
         return image

@@ -9,7 +9,7 @@ every other column a numeric feature. :func:`extract_embeddings` writes embeddin
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,16 @@ METADATA_PREFIX = "Metadata_"
 EMBEDDING_PREFIX = "emb_"
 # Columns of a screen dataset that are pixels or bookkeeping, not per-image metadata.
 NON_METADATA_DATASET_COLUMNS = ("image", "channel_names")
+# The schema's plate column: plate_statistics() keys its results by it, whatever --plate_column says.
+PLATE_COLUMN = "plate"
 
 AGGREGATION_METHODS = ("mean", "median")
+# Where the per-plate intensity statistics for a "per_channel" processor come from; "none" keeps the
+# processor's saved mean/std (the average training plate).
+PLATE_NORMALIZATION_SOURCES = ("controls", "all", "none")
+# Lower bound on a plate's channel std, the one training's PlateNormalizer applies (its default eps),
+# so that a constant channel is normalised the same way at training and at evaluation.
+PLATE_STD_FLOOR = 1e-6
 CORRECTION_METHODS = ("none", "zscore", "mad", "tvn", "sphering")
 # Scale factor that makes the median absolute deviation a consistent estimator of the standard
 # deviation for normally distributed data (as pycytominer's "mad_robustize" uses).
@@ -34,6 +42,7 @@ __all__ = [
     "METADATA_PREFIX",
     "AGGREGATION_METHODS",
     "CORRECTION_METHODS",
+    "PLATE_NORMALIZATION_SOURCES",
     "metadata_name",
     "feature_columns",
     "metadata_columns",
@@ -44,6 +53,8 @@ __all__ = [
     "correct_profiles",
     "load_feature_extractor",
     "model_num_channels",
+    "check_channel_count",
+    "extraction_plate_statistics",
     "extract_embeddings",
     "tile_offsets",
 ]
@@ -278,6 +289,47 @@ def model_num_channels(model: Any) -> int | None:
     return getattr(getattr(model, "config", None), "num_channels", None)
 
 
+def check_channel_count(model: Any, processor: Any, num_channels: int) -> None:
+    """Raise ``ValueError`` when images of ``num_channels`` channels do not fit ``model`` or ``processor``."""
+    expected = model_num_channels(model)
+    if expected is not None and num_channels != expected:
+        raise ValueError(
+            f"the dataset's images have {num_channels} channels but the model expects {expected}; "
+            "use a checkpoint trained on this stain set or rebuild the patch embedding "
+            "(CDCLModel.from_vit_checkpoint(..., num_channels=...))"
+        )
+    processor_channels = getattr(processor, "num_channels", None)
+    if processor_channels is not None and num_channels != processor_channels:
+        raise ValueError(
+            f"the dataset's images have {num_channels} channels but the checkpoint's image processor expects "
+            f"{processor_channels}"
+        )
+
+
+def extraction_plate_statistics(
+    processor: Any, dataset: Any, source: str = "controls"
+) -> dict[str, Any] | None:
+    """The per-plate statistics :func:`extract_embeddings` should normalise with, or ``None``.
+
+    A checkpoint trained with per-plate normalisation saves a ``CDCLImageProcessor`` with
+    ``normalization="per_channel"`` whose mean/std are the *average* plate's; training itself
+    normalised every image by its own plate. To reproduce that, the statistics of each plate of
+    ``dataset`` are computed (``cdcl_hf.screen_data.plate_statistics``, cached) from its control
+    images (``source="controls"``, the training default) or all its images (``"all"``). ``None``
+    (use the processor as saved) for ``source="none"`` and for processors that normalise each image
+    on their own (``per_image``, no processor, non-CDCL processors).
+    """
+    if source not in PLATE_NORMALIZATION_SOURCES:
+        raise ValueError(
+            f"plate normalisation source must be one of {PLATE_NORMALIZATION_SOURCES}, got {source!r}"
+        )
+    if source == "none" or getattr(processor, "normalization", None) != "per_channel":
+        return None
+    from .screen_data import plate_statistics
+
+    return plate_statistics(dataset, source=source)
+
+
 def tile_offsets(length: int, tile: int, stride: int) -> list[int]:
     """Start offsets of tiles of size ``tile`` every ``stride`` pixels, the last one flush with the edge."""
     if tile > length:
@@ -308,6 +360,36 @@ def _default_processor(model: Any, num_channels: int) -> Any:
                               normalization="per_image")
 
 
+def _pixel_values(
+    processor: Any, tiles: list[np.ndarray], plates: list[str] | None, statistics: Mapping[str, Any] | None
+) -> Any:
+    """The processor's ``pixel_values`` for ``tiles``; with ``statistics``, one processor call per plate
+    with that plate's mean/std, so each tile is normalised by its own plate whatever the batch mixes."""
+    import torch
+
+    if statistics is None:
+        return processor(tiles, return_tensors="pt")["pixel_values"]
+    by_plate: dict[str, list[int]] = {}
+    for index, plate in enumerate(plates):
+        by_plate.setdefault(plate, []).append(index)
+    rows: list[Any] = [None] * len(tiles)
+    for plate, indices in by_plate.items():
+        if plate not in statistics:
+            raise ValueError(
+                f"no intensity statistics for plate {plate!r} ({len(statistics)} plates known); "
+                "compute them on the dataset being embedded"
+            )
+        stats = statistics[plate]
+        values = processor(
+            [tiles[i] for i in indices], return_tensors="pt",
+            image_mean=np.asarray(stats.mean, dtype=np.float64).tolist(),
+            image_std=np.maximum(np.asarray(stats.std, dtype=np.float64), PLATE_STD_FLOOR).tolist(),
+        )["pixel_values"]
+        for index, row in zip(indices, values, strict=True):
+            rows[index] = row
+    return torch.stack(rows)
+
+
 def _embed(model: Any, pixel_values: Any) -> np.ndarray:
     output = model(pixel_values=pixel_values)
     pooled = getattr(output, "pooler_output", None)
@@ -325,15 +407,19 @@ def extract_embeddings(
     tile_size: int | None = None,
     tile_stride: int | None = None,
     progress: bool = True,
+    plate_statistics: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
     """Embed every image of a screen dataset; one row per image, metadata as ``Metadata_*`` columns.
 
     ``model``: a CDCL model or any transformers image model whose output has ``pooler_output``
     (else its first token is used). ``dataset``: a screen ``datasets.Dataset`` / ``IterableDataset``
-    (see docs/CONTRACTS.md). With ``tile_size`` each image is cut into ``tile_size`` squares every
+    (schema: docs/dataset-schema.md). With ``tile_size`` each image is cut into ``tile_size`` squares every
     ``tile_stride`` pixels (default: non-overlapping, the last tile flush with the edge); the image's
     embedding is the mean of its tiles' embeddings (multi-crop averaging for large fields).
-    Runs on ``device`` (default: CUDA when available), in inference mode, with a tqdm progress bar.
+    ``plate_statistics``: ``{plate: PlateStatistics}`` (see :func:`extraction_plate_statistics`);
+    each image is then processed with its plate's ``image_mean`` / ``image_std``, as training
+    normalised it. Runs on ``device`` (default: CUDA when available), in inference mode, with a tqdm
+    progress bar (a streamed dataset has no length, so the bar only counts).
     Raises ``ValueError`` when the images' channel count differs from the model's.
     """
     import torch
@@ -343,7 +429,6 @@ def extract_embeddings(
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
-    expected_channels = model_num_channels(model)
     total = len(dataset) if hasattr(dataset, "__len__") else None
 
     embeddings: list[np.ndarray] = []
@@ -352,17 +437,23 @@ def extract_embeddings(
         for batch in dataset.iter(batch_size=batch_size):
             images = [decode_image(value) for value in batch["image"]]
             channels = images[0].shape[0]
-            if expected_channels is not None and channels != expected_channels:
-                raise ValueError(
-                    f"the dataset's images have {channels} channels but the model expects {expected_channels}; "
-                    "use a checkpoint trained on this stain set or rebuild the patch embedding "
-                    "(CDCLModel.from_vit_checkpoint(..., num_channels=...))"
-                )
+            check_channel_count(model, processor, channels)
             if processor is None:
                 processor = _default_processor(model, channels)
             tiles_per_image = [_tiles(image, tile_size, tile_stride) for image in images]
             flat_tiles = [tile for tiles in tiles_per_image for tile in tiles]
-            pixel_values = processor(flat_tiles, return_tensors="pt")["pixel_values"].to(device)
+            tile_plates = None
+            if plate_statistics is not None:
+                if PLATE_COLUMN not in batch:
+                    raise ValueError(
+                        f"plate_statistics needs the dataset's {PLATE_COLUMN!r} column; it has {list(batch)}"
+                    )
+                tile_plates = [
+                    str(plate)
+                    for plate, tiles in zip(batch[PLATE_COLUMN], tiles_per_image, strict=True)
+                    for _ in tiles
+                ]
+            pixel_values = _pixel_values(processor, flat_tiles, tile_plates, plate_statistics).to(device)
             tile_embeddings = _embed(model, pixel_values)
             start = 0
             for tiles in tiles_per_image:

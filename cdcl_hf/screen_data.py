@@ -138,6 +138,38 @@ def apply_column_mapping(table: pd.DataFrame, column_mapping: Mapping[str, str] 
     return table.rename(columns=dict(column_mapping))
 
 
+def _parse_pairs(pairs: Iterable[str] | None, syntax: str) -> dict[str, str]:
+    parsed: dict[str, str] = {}
+    for entry in pairs or ():
+        key, sep, value = entry.partition("=")
+        if not sep or not key or not value:
+            raise ValueError(f"expected {syntax}, got {entry!r}")
+        if key in parsed:
+            raise ValueError(f"{entry!r}: {key!r} is already given ({key}={parsed[key]})")
+        parsed[key] = value
+    return parsed
+
+
+def parse_column_mapping(pairs: Iterable[str] | None) -> dict[str, str]:
+    """``["Metadata_Plate=plate", ...]`` (command-line ``THEIRS=STANDARD``) -> ``{"Metadata_Plate": "plate"}``.
+
+    The result is the ``column_mapping`` that :func:`load_screen` and the dataset builders take; empty
+    for ``None`` or ``[]``. An entry without ``=``, with an empty side, or naming a column already
+    mapped raises ``ValueError`` naming that entry. Everything after the first ``=`` is the target.
+    """
+    return _parse_pairs(pairs, "THEIRS=STANDARD (e.g. Metadata_Plate=plate)")
+
+
+def parse_column_selection(pairs: Iterable[str] | None) -> dict[str, list[str]]:
+    """``["plate=P1,P2", ...]`` (command-line ``COLUMN=V1,V2``) -> ``{"plate": ["P1", "P2"]}``.
+
+    The ``select`` argument of the dataset builders: keep rows whose ``COLUMN`` is one of the values.
+    Errors as in :func:`parse_column_mapping`.
+    """
+    return {column: allowed.split(",")
+            for column, allowed in _parse_pairs(pairs, "COLUMN=V1,V2 (e.g. plate=P1,P2)").items()}
+
+
 def _is_missing(value: Any) -> bool:
     if value is None:
         return True
@@ -423,6 +455,29 @@ def _is_saved_dataset(path: Path) -> bool:
     return any((path / name).is_file() for name in ("dataset_dict.json", "dataset_info.json", "state.json"))
 
 
+def _rename_streamed_columns(dataset: datasets.IterableDataset, column_mapping: dict[str, str]) -> datasets.IterableDataset:
+    """``dataset.rename_columns(column_mapping)`` that leaves the images as they are stored.
+
+    ``IterableDataset.rename_columns`` is a ``map``: each row is decoded before the rename (images to
+    PIL) and encoded again after it, which re-compresses every image to PNG as the stream is read.
+    Renaming with decoding switched off passes the stored bytes through; casting back to the original
+    features (renamed) restores lazy decoding where the rows are consumed. Threaded decoding that
+    ``load_dataset`` may have set up (image folders on the Hub; not parquet screens) is not restored.
+    """
+    features = dataset.features
+    if features is None:  # nothing is decoded, so nothing is re-encoded
+        return dataset.rename_columns(column_mapping)
+    missing = [source for source in column_mapping if source not in features]
+    if missing:  # the stream itself would only fail once iterated
+        raise MissingColumnError(
+            f"column_mapping names column(s) {missing} that the dataset does not have; columns: {list(features)}"
+        )
+    renamed_features = datasets.Features(
+        {column_mapping.get(name, name): feature for name, feature in features.copy().items()}
+    )
+    return dataset.decode(False).rename_columns(column_mapping).cast(renamed_features)
+
+
 def load_screen(
     name_or_path: str | os.PathLike,
     split: str | None = "train",
@@ -445,12 +500,16 @@ def load_screen(
     Decode pixels with :func:`decode_image`.
     """
     path = Path(name_or_path)
+    column_mapping = dict(column_mapping or {})
     if path.is_dir() and _is_saved_dataset(path):
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict) and split is not None:
             if split not in loaded:
                 raise ScreenDataError(f"{path} has no split {split!r}; splits: {list(loaded)}")
             loaded = loaded[split]
+        if column_mapping:  # on the arrow table, before streaming: a rename of the schema only
+            loaded = loaded.rename_columns(column_mapping)
+            column_mapping = {}
         if streaming:
             if isinstance(loaded, datasets.DatasetDict):
                 loaded = datasets.IterableDatasetDict(
@@ -464,10 +523,16 @@ def load_screen(
         loaded = datasets.load_dataset(
             str(name_or_path), split=split, streaming=streaming, revision=revision, cache_dir=cache_dir, token=token
         )
-    parts = loaded.values() if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)) else [loaded]
     if column_mapping:
-        loaded = loaded.rename_columns(dict(column_mapping))
-        parts = loaded.values() if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)) else [loaded]
+        if isinstance(loaded, datasets.IterableDatasetDict):
+            loaded = datasets.IterableDatasetDict(
+                {name: _rename_streamed_columns(part, column_mapping) for name, part in loaded.items()}
+            )
+        elif isinstance(loaded, datasets.IterableDataset):
+            loaded = _rename_streamed_columns(loaded, column_mapping)
+        else:
+            loaded = loaded.rename_columns(column_mapping)
+    parts = loaded.values() if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)) else [loaded]
     for part in parts:
         validate_screen_features(part.features, where=str(name_or_path))
     return loaded

@@ -22,21 +22,7 @@ import logging
 import sys
 
 from cdcl_hf.dataset_builders import bbbc021_source, build_screen_dataset, folder_source, rxrx1_source
-from cdcl_hf.screen_data import ScreenDataError
-
-
-def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
-    pairs = {}
-    for value in values or []:
-        key, sep, target = value.partition("=")
-        if not sep or not key or not target:
-            raise SystemExit(f"{flag} expects NAME=VALUE, got {value!r}")
-        pairs[key] = target
-    return pairs
-
-
-def _selection(values: list[str] | None) -> dict[str, list[str]]:
-    return {column: allowed.split(",") for column, allowed in _pairs(values, "--select").items()}
+from cdcl_hf.screen_data import ScreenDataError, parse_column_mapping, parse_column_selection
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,17 +78,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if not args.output_dir and not args.push_to_hub:
         raise SystemExit("give --output_dir, --push_to_hub or both")
-    select = _selection(args.select)
+    try:
+        select = parse_column_selection(args.select)
+    except ValueError as error:
+        parser.error(f"--select: {error}")
+    try:
+        column_mapping = parse_column_mapping(getattr(args, "column_map", None)) or None  # folder layout only
+    except ValueError as error:
+        parser.error(f"--column_map: {error}")
     licence = {"license": args.license} if args.license else {}
     try:
         if args.layout == "folder":
             source = folder_source(
                 args.metadata_csv, image_root=args.image_root, image_columns=args.image_columns,
-                channel_names=args.channel_names, column_mapping=_pairs(args.column_map, "--column_map") or None,
+                channel_names=args.channel_names, column_mapping=column_mapping,
                 control_compounds=args.control_compounds, channel_axis=args.channel_axis, select=select,
                 name=args.name, **licence,
             )

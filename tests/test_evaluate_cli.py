@@ -1,4 +1,4 @@
-"""training/evaluate.py end to end on the real BBBC021 crops, and the local `evaluate` metric module."""
+"""training/evaluate_embeddings.py end to end on the real BBBC021 crops, and the local `evaluate` metric module."""
 
 import importlib.util
 import json
@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI = ROOT / "training" / "evaluate.py"
+CLI = ROOT / "training" / "evaluate_embeddings.py"
 METRIC_MODULE = ROOT / "metrics" / "cdcl_profiling"
 EXPECTED_METRICS = {
     "nsc", "nscb", "moa_map", "replicate_map", "knn_treatment_identification", "silhouette_moa",
@@ -29,36 +29,40 @@ def load_cli():
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    from cdcl_hf import CDCLConfig, CDCLImageProcessor, CDCLModel
+def bbbc021_crops_dataset(shared_data_dir, tmp_path_factory):
+    """The 1,000 real crops (68 x 68 x 3 uint16 .npy) built by the real folder builder (~3 s)."""
+    from cdcl_hf.dataset_builders import build_screen_dataset, folder_source
 
+    crops = shared_data_dir / "bbbc021_crops"
+    source = folder_source(crops / "metadata.csv", image_root=crops / "images",
+                           channel_names=["DNA", "stain_1", "stain_2"])
+    output_dir = tmp_path_factory.mktemp("bbbc021_crops") / "dataset"
+    return build_screen_dataset(source, output_dir=output_dir).output_dir
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(bbbc021_crops_dataset, tmp_path_factory):
+    """A tiny model with the processor train.py saves after per-plate normalisation ("per_channel", the
+    average plate's mean/std), so the CLI has to pass each image's own plate statistics."""
+    from cdcl_hf import CDCLConfig, CDCLImageProcessor, CDCLModel
+    from cdcl_hf.screen_data import load_screen, plate_statistics
+
+    statistics = plate_statistics(load_screen(bbbc021_crops_dataset), source="controls")
     path = tmp_path_factory.mktemp("tiny_model")
     torch.manual_seed(0)
     CDCLModel(CDCLConfig.from_preset("tiny", num_channels=3)).save_pretrained(path)
-    CDCLImageProcessor(num_channels=3, size=32).save_pretrained(path)
+    CDCLImageProcessor(
+        num_channels=3, size=32, normalization="per_channel",
+        image_mean=np.mean([s.mean for s in statistics.values()], axis=0).tolist(),
+        image_std=np.mean([s.std for s in statistics.values()], axis=0).tolist(),
+    ).save_pretrained(path)
     return path
 
 
 @pytest.fixture(scope="module")
-def bbbc021_crops_dataset(shared_data_dir, tmp_path_factory):
-    """The 1,000 real crops as a screen dataset on disk (arrays are H x W x C uint16 -> C x H x W)."""
-    from cdcl_hf.screen_data import dataset_from_arrays
-
-    crops = shared_data_dir / "bbbc021_crops"
-    metadata = pd.read_csv(crops / "metadata.csv")
-    images = [np.load(crops / "images" / name).transpose(2, 0, 1) for name in metadata["file"]]
-    metadata = metadata.assign(
-        site=metadata["site"].astype(str),
-        is_control=metadata["compound"] == "DMSO",
-        moa=metadata["moa"].where(metadata["compound"] != "DMSO"),  # DMSO is a control, not an MoA
-    )
-    path = tmp_path_factory.mktemp("bbbc021_crops") / "dataset"
-    dataset_from_arrays(images, metadata, channel_names=["DNA", "stain_1", "stain_2"]).save_to_disk(str(path))
-    return path
-
-
-def test_cli_end_to_end_on_real_crops(tiny_checkpoint, bbbc021_crops_dataset, tmp_path):
-    output_dir = tmp_path / "eval"
+def crops_evaluation(tiny_checkpoint, bbbc021_crops_dataset, tmp_path_factory):
+    """The CLI run end to end (a subprocess, as a user runs it); returns its output folder."""
+    output_dir = tmp_path_factory.mktemp("eval") / "out"
     result = subprocess.run(
         [sys.executable, str(CLI), "--model", str(tiny_checkpoint), "--dataset_name", str(bbbc021_crops_dataset),
          "--output_dir", str(output_dir), "--aggregate", "median", "--correction", "tvn",
@@ -66,11 +70,17 @@ def test_cli_end_to_end_on_real_crops(tiny_checkpoint, bbbc021_crops_dataset, tm
         capture_output=True, text=True, timeout=300, cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    return output_dir
+
+
+def test_cli_end_to_end_on_real_crops(crops_evaluation):
+    output_dir = crops_evaluation
     for name in ("profiles_image.parquet", "profiles_well.parquet", "profiles_evaluated.parquet", "results.json",
                  "results.md", "projection_batch_moa.png"):
         assert (output_dir / name).is_file(), name
 
     report = json.loads((output_dir / "results.json").read_text())
+    assert report["input_normalization"] == "per_plate:controls"  # default --plate_normalization
     assert report["n_images"] == 1000
     assert report["n_profiles"] == 481  # wells in the crop set
     assert set(report["metrics"]) == EXPECTED_METRICS
@@ -90,6 +100,37 @@ def test_cli_end_to_end_on_real_crops(tiny_checkpoint, bbbc021_crops_dataset, tm
         assert png.format == "PNG" and png.width > 500
 
 
+def test_cli_streams_a_screen_with_its_own_column_names(
+    crops_evaluation, tiny_checkpoint, bbbc021_crops_dataset, tmp_path
+):
+    """--streaming + --column_map give the same image profiles as the in-memory run of the whole screen."""
+    import datasets
+
+    # Whole plates (so their statistics are those of the full run), one without controls (statistics
+    # then fall back to all its images).
+    plates = {"Week4_27861", "Week4_27801", "Week4_27821", "Week4_27521"}
+    screen = datasets.load_from_disk(str(bbbc021_crops_dataset))["train"]
+    screen = screen.select([i for i, plate in enumerate(screen["plate"]) if plate in plates])
+    renamed = tmp_path / "renamed"
+    screen.rename_columns({"plate": "Metadata_Plate", "well": "Metadata_Well"}).save_to_disk(str(renamed))
+
+    cli = load_cli()
+    common = ["--model", str(tiny_checkpoint), "--dataset_name", str(renamed), "--no_progress"]
+    with pytest.raises(ValueError, match="plate"):  # without the mapping, the schema check names what is missing
+        cli.run(cli.parse_args([*common, "--output_dir", str(tmp_path / "unmapped")]))
+
+    report = cli.run(cli.parse_args(
+        [*common, "--output_dir", str(tmp_path / "out"), "--streaming",
+         "--column_map", "Metadata_Plate=plate", "--column_map", "Metadata_Well=well",
+         "--max_images", "64", "--batch_size", "16", "--profile_level", "image", "--null_size", "50"]))
+    assert report["n_images"] == 64 and report["settings"]["streaming"]
+    assert report["input_normalization"] == "per_plate:controls"
+    streamed = pd.read_parquet(tmp_path / "out" / "profiles_image.parquet")
+    in_memory = pd.read_parquet(crops_evaluation / "profiles_image.parquet")
+    in_memory = in_memory[in_memory["Metadata_plate"].isin(plates)].head(64).reset_index(drop=True)
+    pd.testing.assert_frame_equal(streamed, in_memory, atol=1e-5)
+
+
 def test_cli_refuses_a_model_with_the_wrong_channel_count(bbbc021_crops_dataset, tmp_path):
     from cdcl_hf import CDCLConfig, CDCLModel
 
@@ -100,6 +141,16 @@ def test_cli_refuses_a_model_with_the_wrong_channel_count(bbbc021_crops_dataset,
     with pytest.raises(ValueError, match="3 channels but the model expects 5"):
         cli.run(args)
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_cli_rejects_a_malformed_column_map(capsys):
+    cli = load_cli()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_args(["--model", "m", "--dataset_name", "d", "--output_dir", "o", "--column_map", "Metadata_Plate"])
+    assert exit_info.value.code == 2
+    assert "--column_map: expected THEIRS=STANDARD" in capsys.readouterr().err
+    args = cli.parse_args(["--model", "m", "--dataset_name", "d", "--output_dir", "o", "--column_map", "P=plate"])
+    assert args.column_map == ["P=plate"]
 
 
 def test_metric_module_loads_by_path_and_reports_undefined_nscb():

@@ -12,6 +12,8 @@ from cdcl_hf.screen_data import (
     dataset_from_arrays,
     decode_image,
     load_screen,
+    parse_column_mapping,
+    parse_column_selection,
     plate_statistics,
     screen_channel_names,
 )
@@ -102,6 +104,21 @@ def test_column_mapping_renames_user_columns(uint16_images):
         dataset_from_arrays(uint16_images, metadata, column_mapping={"Metdata_Plate": "plate"})
 
 
+def test_parse_column_mapping_and_selection():
+    assert parse_column_mapping(["Metadata_Plate=plate", "Image_Metadata_Well=well"]) == {
+        "Metadata_Plate": "plate", "Image_Metadata_Well": "well"}
+    assert parse_column_mapping(None) == {} and parse_column_mapping([]) == {}
+    assert parse_column_mapping(["a=b=c"]) == {"a": "b=c"}  # split at the first "="
+    for bad in ("Metadata_Plate", "=plate", "Metadata_Plate="):
+        with pytest.raises(ValueError, match=rf"THEIRS=STANDARD.*got '{bad}'"):
+            parse_column_mapping(["Metadata_Well=well", bad])
+    with pytest.raises(ValueError, match=r"'P=plate2': 'P' is already given \(P=plate\)"):
+        parse_column_mapping(["P=plate", "P=plate2"])
+    assert parse_column_selection(["plate=P1,P2", "batch=Week1"]) == {"plate": ["P1", "P2"], "batch": ["Week1"]}
+    with pytest.raises(ValueError, match=r"COLUMN=V1,V2.*got 'plate'"):
+        parse_column_selection(["plate"])
+
+
 def test_load_screen_from_disk_streaming_and_mapping(uint16_images, tmp_path):
     dataset = dataset_from_arrays(uint16_images, make_metadata(6), channel_names=["a", "b", "c"])
     dataset.save_to_disk(str(tmp_path / "screen"))
@@ -116,6 +133,28 @@ def test_load_screen_from_disk_streaming_and_mapping(uint16_images, tmp_path):
     with pytest.raises(MissingColumnError, match=r"\['plate'\]"):
         load_screen(tmp_path / "theirs", split=None)
     assert load_screen(tmp_path / "theirs", split=None, column_mapping={"Plate": "plate"})[0]["plate"] == "P0"
+
+
+def test_load_screen_streaming_rename_keeps_the_stored_images(uint16_images, tmp_path, monkeypatch):
+    """A streamed screen renamed by column_mapping yields the stored PNGs: nothing is re-encoded per row."""
+    theirs = dataset_from_arrays(uint16_images, make_metadata(6)).rename_columns({"plate": "Plate", "well": "Well"})
+    theirs.save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "parquet" / "data").mkdir(parents=True)
+    theirs.to_parquet(str(tmp_path / "parquet" / "data" / "train-00000-of-00001.parquet"))
+    monkeypatch.setattr(screen_data.PILImage.Image, "save", lambda *args, **kwargs: pytest.fail("image re-encoded"))
+    for folder in ("saved", "parquet"):
+        streamed = load_screen(tmp_path / folder, split="train", streaming=True,
+                               column_mapping={"Plate": "plate", "Well": "well"})
+        assert {"plate", "well"} <= set(streamed.features) and "Plate" not in streamed.features
+        assert streamed.features["image"] == screen_data.datasets.List(screen_data.datasets.Image())
+        rows = list(streamed)
+        assert [r["plate"] for r in rows] == [f"P{i % 2}" for i in range(6)], folder
+        for row, expected in zip(rows, uint16_images, strict=True):
+            np.testing.assert_array_equal(decode_image(row["image"]), expected)
+        batch = next(streamed.select_columns(["image", "plate"]).iter(batch_size=4))
+        np.testing.assert_array_equal(decode_image(batch["image"][3]), uint16_images[3])
+        with pytest.raises(ValueError, match="Plates"):  # a typo fails at once, not when the stream is read
+            load_screen(tmp_path / folder, split="train", streaming=True, column_mapping={"Plates": "plate"})
 
 
 def expected_statistics(images, mask):

@@ -1,7 +1,12 @@
 """Evaluate a checkpoint's embeddings on a screen: profiles, scores, table and plots in one folder.
 
-    python training/evaluate.py --model runs/cdcl/checkpoint --dataset_name data/bbbc021 \
+    python training/evaluate_embeddings.py --model runs/cdcl/checkpoint --dataset_name data/bbbc021 \
         --aggregate median --correction mad --output_dir eval/bbbc021
+
+The screen is read with cdcl_hf.screen_data.load_screen (a builder folder, a parquet folder or a Hub
+id; --streaming iterates it without loading it whole). A checkpoint trained with per-plate
+normalisation gets each image normalised by its own plate's statistics, as in training
+(--plate_normalization).
 
 Writes to --output_dir:
     profiles_image.parquet   one row per image (Metadata_* columns + emb_* features)
@@ -16,34 +21,31 @@ Definitions of every metric: docs/evaluation.md.
 
 from __future__ import annotations
 
-import sys
+import argparse
+import json
+import logging
 from pathlib import Path
+from typing import Any
 
-# This file is named like the `evaluate` package; drop its own folder from the import path so that
-# any library importing `evaluate` gets the package, not this script.
-_SCRIPT_DIR = Path(__file__).resolve().parent
-sys.path = [entry for entry in sys.path if Path(entry or ".").resolve() != _SCRIPT_DIR]
+import numpy as np
+import pandas as pd
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-from typing import Any  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from cdcl_hf.metrics import evaluate_profiles, results_markdown_table  # noqa: E402
-from cdcl_hf.profiling import (  # noqa: E402
+from cdcl_hf.metrics import evaluate_profiles, results_markdown_table
+from cdcl_hf.profiling import (
     AGGREGATION_METHODS,
     CORRECTION_METHODS,
+    PLATE_NORMALIZATION_SOURCES,
     aggregate_profiles,
+    check_channel_count,
     correct_profiles,
     extract_embeddings,
+    extraction_plate_statistics,
     load_feature_extractor,
     metadata_name,
     split_profiles,
     write_profiles,
 )
+from cdcl_hf.screen_data import decode_image, load_screen, parse_column_mapping
 
 logger = logging.getLogger("cdcl_hf.evaluate")
 
@@ -54,6 +56,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset_name", required=True,
                         help='screen dataset: folder (save_to_disk or data files), Hub id, or "synthetic"')
     parser.add_argument("--split", default="train")
+    parser.add_argument("--dataset_revision", default=None, help="Hub dataset branch, tag or commit")
+    parser.add_argument("--streaming", action="store_true",
+                        help="iterate the screen instead of loading it (large or Hub screens)")
+    parser.add_argument("--column_map", action="append", metavar="THEIRS=STANDARD",
+                        help="rename a dataset column to its standard name (repeatable), Metadata_Plate=plate")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--trust_remote_code", action="store_true")
     parser.add_argument("--synthetic_num_images", type=int, default=600, help='size of --dataset_name synthetic')
@@ -71,6 +78,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     extraction.add_argument("--tile_size", type=int, default=None, help="embed tiles of this size and average them")
     extraction.add_argument("--tile_stride", type=int, default=None)
     extraction.add_argument("--max_images", type=int, default=None, help="evaluate only the first N images")
+    extraction.add_argument(
+        "--plate_normalization", choices=PLATE_NORMALIZATION_SOURCES, default="controls",
+        help='checkpoints whose processor normalises "per_channel": normalise each image by its plate\'s '
+             "statistics, from the plate's controls (training's default) or all its images; none = the "
+             "processor's saved mean/std. Per-image processors ignore it",
+    )
     extraction.add_argument("--no_progress", action="store_true")
     scoring = parser.add_argument_group("profiles and scores")
     scoring.add_argument("--profile_level", choices=["image", "well"], default="well",
@@ -83,26 +96,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     scoring.add_argument("--null_size", type=int, default=10000, help="copairs permutations for mAP p-values")
     scoring.add_argument("--missing_moa", choices=["error", "drop"], default="error")
     scoring.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    try:
+        parse_column_mapping(args.column_map)
+    except ValueError as error:
+        parser.error(f"--column_map: {error}")
+    return args
 
 
-def load_evaluation_dataset(name: str, split: str, synthetic_num_images: int = 600):
-    """The screen dataset to embed: "synthetic", a save_to_disk folder, or anything datasets.load_dataset reads."""
-    import datasets
-
+def load_evaluation_dataset(
+    name: str,
+    split: str,
+    synthetic_num_images: int = 600,
+    streaming: bool = False,
+    revision: str | None = None,
+    column_mapping: dict[str, str] | None = None,
+):
+    """The screen dataset to embed: "synthetic", or whatever ``load_screen`` reads (schema checked there)."""
     if name == "synthetic":
+        if streaming or column_mapping or revision:
+            raise ValueError(
+                "--streaming, --column_map and --dataset_revision are for screens on disk or the Hub, "
+                "not the synthetic screen"
+            )
         from cdcl_hf.synthetic_screen import config_for_num_images, synthetic_screen_dataset
 
         return synthetic_screen_dataset(config_for_num_images(synthetic_num_images))
-    from cdcl_hf import screen_data
+    return load_screen(name, split=split, streaming=streaming, revision=revision,
+                       column_mapping=column_mapping)
 
-    if hasattr(screen_data, "load_screen"):
-        return screen_data.load_screen(name, split=split)
-    path = Path(name)
-    if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
-        loaded = datasets.load_from_disk(str(path))
-        return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
-    return datasets.load_dataset(name, split=split)
+
+def first_n(dataset, n: int | None):
+    """The first ``n`` rows of a map-style or streamed dataset (all of them when ``n`` is None)."""
+    if n is None:
+        return dataset
+    if hasattr(dataset, "select") and hasattr(dataset, "__len__"):
+        return dataset.select(range(min(n, len(dataset))))
+    return dataset.take(n)
 
 
 def projection_plot(profiles: pd.DataFrame, batch_column: str, moa_column: str | None, path: Path) -> Path:
@@ -144,12 +174,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     moa_column = None if args.moa_column.lower() == "none" else metadata_name(args.moa_column)
 
     model, processor = load_feature_extractor(args.model, trust_remote_code=args.trust_remote_code)
-    dataset = load_evaluation_dataset(args.dataset_name, args.split, args.synthetic_num_images)
-    if args.max_images is not None:
-        dataset = dataset.select(range(min(args.max_images, len(dataset))))
+    screen = load_evaluation_dataset(
+        args.dataset_name, args.split, args.synthetic_num_images, streaming=args.streaming,
+        revision=args.dataset_revision, column_mapping=parse_column_mapping(args.column_map) or None,
+    )
+    # Fail on a channel mismatch before the (possibly long) pass over the screen for plate statistics.
+    first_row = next(iter(screen.select_columns(["image"])), None)
+    if first_row is None:
+        raise ValueError(f"{args.dataset_name} ({args.split}) is empty: nothing to evaluate")
+    check_channel_count(model, processor, decode_image(first_row["image"]).shape[0])
+    # Statistics over the whole screen, not only --max_images: an image's normalisation must not
+    # depend on how many images are evaluated.
+    statistics = extraction_plate_statistics(processor, screen, source=args.plate_normalization)
+    if statistics is not None:
+        logger.info("normalising each image by its plate's statistics (%s, %d plates)",
+                    args.plate_normalization, len(statistics))
     images = extract_embeddings(
-        model, dataset, processor, batch_size=args.batch_size, device=args.device,
+        model, first_n(screen, args.max_images), processor, batch_size=args.batch_size, device=args.device,
         tile_size=args.tile_size, tile_stride=args.tile_stride, progress=not args.no_progress,
+        plate_statistics=statistics,
     )
     write_profiles(images, output_dir / "profiles_image.parquet")
 
@@ -175,7 +218,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "split": args.split,
         "settings": {key: getattr(args, key) for key in (
             "profile_level", "aggregate", "correction", "per_plate", "tile_size", "tile_stride",
-            "knn_k", "knn_temperature", "null_size", "missing_moa", "seed", "max_images")},
+            "knn_k", "knn_temperature", "null_size", "missing_moa", "seed", "max_images", "dataset_revision",
+            "streaming", "column_map")},
+        # What the images were normalised with: "per_plate:controls|all" or the processor's own rule.
+        "input_normalization": (f"per_plate:{args.plate_normalization}" if statistics is not None
+                                else "per_image" if processor is None  # extract_embeddings' default processor
+                                else getattr(processor, "normalization", type(processor).__name__)),
         "n_images": len(images),
         "n_profiles": len(profiles),
         "embedding_dim": int(split_profiles(images)[0].shape[1]),

@@ -1,0 +1,180 @@
+"""training/train.py end to end: the README command, resume, 2 processes, real data, and refusals."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "training" / "train.py"
+CONFIGS = sorted((ROOT / "training" / "configs").glob("*.yaml"))
+
+# A small synthetic screen and head so that a step takes a fraction of a second on one core.
+SMALL = [
+    "--synthetic_num_images", "120",
+    "--synthetic_image_size", "32",
+    "--per_device_train_batch_size", "16",
+    "--out_dim", "128",
+    "--head_hidden_dim", "64",
+    "--head_bottleneck_dim", "32",
+    "--logging_steps", "1",
+]
+
+
+def run(command: list[str], cwd: Path, expect_success: bool = True, env: dict | None = None, timeout: int = 600):
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    result = subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout)
+    if expect_success:
+        assert result.returncode == 0, f"{' '.join(command)}\nSTDOUT:\n{result.stdout[-3000:]}\nSTDERR:\n{result.stderr[-5000:]}"
+    else:
+        assert result.returncode != 0, f"expected a failure:\n{result.stdout[-2000:]}"
+    return result
+
+
+def train(tmp_path: Path, *arguments: str, expect_success: bool = True):
+    return run([sys.executable, str(TRAIN), *SMALL, *arguments], cwd=tmp_path, expect_success=expect_success)
+
+
+def read_log(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_presets_parse(config):
+    sys.path.insert(0, str(TRAIN.parent))
+    try:
+        import train as train_module
+    finally:
+        sys.path.pop(0)
+    args = train_module.parse_args(["--config", str(config), "--learning_rate", "1e-3"])
+    assert args.learning_rate == 1e-3  # flags win over the preset
+    assert args.method in ("dino", "dino-cb", "cdcl")
+
+
+def test_readme_command_trains_and_saves_a_loadable_model(tmp_path):
+    # Exactly the README's main command, run in an empty folder on a machine with no accelerate config.
+    result = run(
+        ["accelerate", "launch", str(TRAIN)],
+        cwd=tmp_path,
+        env={"HF_HOME": str(tmp_path / "hf_home")},
+    )
+    output_dir = tmp_path / "outputs" / "cdcl-tiny-synthetic"
+    assert "saved the teacher backbone" in result.stdout + result.stderr
+    summary = json.loads((output_dir / "training_summary.json").read_text())
+    assert summary["finished"] and summary["global_step"] == 120
+
+    log = read_log(output_dir)
+    assert log[-1]["loss"] < log[0]["loss"]
+    assert {"dino_loss", "cross_correlation_loss", "teacher_entropy", "lr", "teacher_temp", "pairs_cross_domain"} <= set(log[-1])
+
+    from transformers import AutoImageProcessor, AutoModel
+
+    model = AutoModel.from_pretrained(output_dir, trust_remote_code=True).eval()
+    processor = AutoImageProcessor.from_pretrained(output_dir, trust_remote_code=True)
+    assert processor.normalization == "per_channel" and len(processor.image_mean) == 3
+    images = torch.randint(0, 4000, (2, 3, 64, 64), dtype=torch.int32).numpy()
+    with torch.no_grad():
+        embeddings = model(**processor(list(images), return_tensors="pt")).pooler_output
+    assert embeddings.shape == (2, 64) and torch.isfinite(embeddings).all()
+
+
+def test_kill_and_resume_gives_the_same_weights(tmp_path):
+    steps = ["--max_train_steps", "6", "--checkpointing_steps", "3"]
+    train(tmp_path, *steps, "--output_dir", "straight")
+    train(tmp_path, *steps, "--output_dir", "resumed", "--stop_after_steps", "3")
+    assert not (tmp_path / "resumed" / "model.safetensors").exists()
+    assert (tmp_path / "resumed" / "checkpoints" / "step_3" / "training_state.json").is_file()
+    result = train(tmp_path, *steps, "--output_dir", "resumed", "--resume_from_checkpoint", "latest")
+    assert "resumed from" in result.stdout + result.stderr
+
+    # The same data order after resuming: every logged step has the same loss.
+    straight_log, resumed_log = read_log(tmp_path / "straight"), read_log(tmp_path / "resumed")
+    assert [r["step"] for r in resumed_log] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(straight_log, resumed_log, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), (a["step"], a["loss"], b["loss"])
+
+    for name in ("model.safetensors", "checkpoints/step_6/model.safetensors"):  # teacher backbone, student
+        straight, resumed = load_file(tmp_path / "straight" / name), load_file(tmp_path / "resumed" / name)
+        assert straight.keys() == resumed.keys()
+        for key in straight:
+            torch.testing.assert_close(resumed[key], straight[key], rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
+
+
+def test_two_processes_keep_identical_student_and_teacher(tmp_path):
+    result = run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+            str(TRAIN), *SMALL, "--max_train_steps", "3", "--output_dir", "ddp",
+        ],
+        cwd=tmp_path,
+        env={"ACCELERATE_USE_CPU": "1"},
+    )
+    summary = json.loads((tmp_path / "ddp" / "training_summary.json").read_text())
+    assert summary["num_processes"] == 2, result.stdout
+    rank0, rank1 = summary["replica_fingerprints"]
+    assert rank0 == rank1  # student and teacher fingerprints, bit for bit
+    assert (tmp_path / "ddp" / "model.safetensors").is_file()
+
+
+def test_methods_and_options_run(tmp_path):
+    train(tmp_path, "--method", "dino", "--max_train_steps", "2", "--output_dir", "dino")
+    train(
+        tmp_path, "--method", "dino-cb", "--only_cross_domain", "--normalization", "per_image",
+        "--gradient_accumulation_steps", "2", "--max_train_steps", "2", "--output_dir", "dino-cb",
+    )
+    log = read_log(tmp_path / "dino")
+    assert "cross_correlation_loss" not in log[-1] and log[-1]["pairs_same_image"] == 16
+    assert "cross_correlation_loss" not in read_log(tmp_path / "dino-cb")[-1]
+
+
+def test_real_bbbc021_crops_loss_decreases(tmp_path, shared_data_dir):
+    from cdcl_hf.dataset_builders import build_screen_dataset, folder_source
+
+    crops = shared_data_dir / "bbbc021_crops"
+    build_screen_dataset(folder_source(crops / "metadata.csv", image_root=crops / "images"), output_dir=tmp_path / "bbbc021")
+    train(
+        tmp_path, "--dataset_name", str(tmp_path / "bbbc021"), "--domain_column", "batch",
+        "--resize_to", "64", "--per_device_train_batch_size", "32", "--max_train_steps", "40", "--warmup_epochs", "0.2",
+        "--output_dir", "real",
+    )
+    losses = [row["loss"] for row in read_log(tmp_path / "real")]
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.9 * first, losses
+
+
+def test_refuses_to_mix_runs_and_mismatched_resumes(tmp_path):
+    train(tmp_path, "--max_train_steps", "1", "--output_dir", "run")
+    refused = train(tmp_path, "--max_train_steps", "1", "--output_dir", "run", expect_success=False)
+    assert "already holds a training run" in refused.stderr
+    mismatch = train(
+        tmp_path, "--max_train_steps", "1", "--output_dir", "run", "--resume_from_checkpoint", "latest",
+        "--out_dim", "256", expect_success=False,
+    )
+    assert "cannot resume" in mismatch.stderr and "out_dim: 128 -> 256" in mismatch.stderr
+    train(tmp_path, "--max_train_steps", "1", "--output_dir", "run", "--overwrite_output_dir")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    failed = train(
+        tmp_path, "--max_train_steps", "5", "--checkpointing_steps", "1", "--learning_rate", "1e30",
+        "--warmup_epochs", "0", "--output_dir", "nan", expect_success=False,
+    )
+    assert "non-finite loss at step" in failed.stderr
+    checkpoints = sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir())
+    assert checkpoints and all((tmp_path / "nan" / "checkpoints" / c / "training_state.json").is_file() for c in checkpoints)
+    assert not (tmp_path / "nan" / "model.safetensors").exists()
+
+
+def test_single_domain_screen_and_missing_columns_are_refused(tmp_path):
+    one_domain = train(
+        tmp_path, "--domain_column", "is_control", "--single_domain_policy", "error", "--max_train_steps", "1",
+        "--output_dir", "x", expect_success=False,
+    )
+    assert "domain" in one_domain.stderr.lower()
+    missing = train(tmp_path, "--label_column", "sirna", "--max_train_steps", "1", "--output_dir", "y", expect_success=False)
+    assert "'sirna' is not a column" in missing.stderr
