@@ -129,6 +129,16 @@ def test_methods_and_options_run(tmp_path):
     )
     log = read_log(tmp_path / "dino")
     assert "cross_correlation_loss" not in log[-1] and log[-1]["pairs_same_image"] == 16
+
+    from transformers import ViTConfig, ViTModel
+
+    ViTModel(ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                       image_size=32, patch_size=8)).save_pretrained(tmp_path / "rgb-vit")
+    train(
+        tmp_path, "--init_from_vit", str(tmp_path / "rgb-vit"), "--mixed_precision", "bf16", "--max_train_steps", "2",
+        "--output_dir", "from-vit",
+    )
+    assert json.loads((tmp_path / "from-vit" / "config.json").read_text())["num_channels"] == 3
     assert "cross_correlation_loss" not in read_log(tmp_path / "dino-cb")[-1]
 
 
@@ -170,11 +180,45 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert not (tmp_path / "nan" / "model.safetensors").exists()
 
 
-def test_single_domain_screen_and_missing_columns_are_refused(tmp_path):
-    one_domain = train(
+def test_unpairable_screens_and_missing_columns_are_refused(tmp_path):
+    # DMSO is only ever a control and every treatment only ever not: no label spans two is_control "domains".
+    policy_error = train(
         tmp_path, "--domain_column", "is_control", "--single_domain_policy", "error", "--max_train_steps", "1",
         "--output_dir", "x", expect_success=False,
     )
-    assert "domain" in one_domain.stderr.lower()
-    missing = train(tmp_path, "--label_column", "sirna", "--max_train_steps", "1", "--output_dir", "y", expect_success=False)
+    assert "labels occur in one domain only" in policy_error.stderr and "Traceback" not in policy_error.stderr
+    no_partners = train(
+        tmp_path, "--domain_column", "is_control", "--max_train_steps", "1", "--output_dir", "y", expect_success=False
+    )
+    assert "no image has a partner with the same 'treatment' in another 'is_control'" in no_partners.stderr
+    missing = train(tmp_path, "--label_column", "sirna", "--max_train_steps", "1", "--output_dir", "z", expect_success=False)
     assert "'sirna' is not a column" in missing.stderr
+
+
+def test_streams_a_hub_screen_logs_to_tensorboard_and_pushes_the_model(tmp_path, hub_server, hub_repo_id):
+    from huggingface_hub import snapshot_download
+    from transformers import AutoModel
+
+    from cdcl_hf.synthetic_screen import config_for_num_images, synthetic_screen_dataset
+
+    dataset_repo = hub_repo_id + "-screen"
+    synthetic_screen_dataset(config_for_num_images(120, image_size=32)).push_to_hub(dataset_repo, max_shard_size="100KB")
+    model_repo = hub_repo_id + "-model"
+    result = train(
+        tmp_path, "--dataset_name", dataset_repo, "--streaming", "--shuffle_buffer_size", "64", "--max_train_steps", "4",
+        "--steps_per_epoch", "2", "--report_to", "tensorboard", "--output_dir", "streamed",
+        "--push_to_hub", "--hub_model_id", model_repo,
+    )
+    assert f"pushed to {model_repo}" in result.stdout + result.stderr
+    assert [row["step"] for row in read_log(tmp_path / "streamed")] == [1, 2, 3, 4]
+    assert list((tmp_path / "streamed" / "runs").rglob("events.out.tfevents.*"))
+
+    downloaded = Path(snapshot_download(model_repo, cache_dir=str(tmp_path / "cache")))
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "modeling_cdcl.py", "training_args.json"} <= {
+        p.name for p in downloaded.iterdir()
+    }
+    assert not (downloaded / "checkpoints").exists()
+    model = AutoModel.from_pretrained(downloaded, trust_remote_code=True)
+    reference = AutoModel.from_pretrained(tmp_path / "streamed", trust_remote_code=True)
+    for (name, value), (_, expected) in zip(model.state_dict().items(), reference.state_dict().items(), strict=True):
+        torch.testing.assert_close(value, expected, msg=name)

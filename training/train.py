@@ -272,13 +272,17 @@ def find_checkpoint(args: argparse.Namespace) -> Path | None:
     return complete[-1]
 
 
-def save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, global_step: int) -> None:
-    """accelerate's state (model, optimizer, teacher, centres, RNGs) + our step counter, written last."""
+def save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, position: dict) -> None:
+    """accelerate's state (model, optimizer, teacher, centres, RNGs) + our position in training, written last.
+
+    `position` = {"global_step", "data_pass", "batches_done_in_pass"}: a pass is one sweep over the data (an epoch
+    of a map-style screen, one read of a stream), so a resumed run continues with the very next batch."""
+    global_step = position["global_step"]
     checkpoint = args.output_dir / "checkpoints" / f"step_{global_step}"
     accelerator.save_state(str(checkpoint))
     if accelerator.is_main_process:
         # training_state.json marks the checkpoint complete: a crash mid-save leaves a folder resume ignores.
-        (checkpoint / "training_state.json").write_text(json.dumps({"global_step": global_step}))
+        (checkpoint / "training_state.json").write_text(json.dumps(position))
         if args.checkpoints_total_limit:
             finished = sorted(
                 (p for p in checkpoint.parent.glob("step_*") if (p / "training_state.json").is_file()),
@@ -350,31 +354,40 @@ def main(argv=None):
     pairing_mode = "same_image" if args.method == "dino" else "cross_domain"
 
     if args.streaming:
-        domain_names = sorted({str(d) for d in screen.select_columns([args.domain_column])[args.domain_column]})
+        # Centre ids must agree across processes and runs: take them from one pass over the metadata column.
+        domain_names = sorted({str(row[args.domain_column]) for row in screen.select_columns([args.domain_column])})
+        # One stream for all processes: accelerate's prepare dispatches its batches to the processes.
         train_dataset = CrossDomainPairIterableDataset(
-            screen.shard(num_shards=accelerator.num_processes, index=accelerator.process_index)
-            if screen.num_shards >= accelerator.num_processes
-            else screen,
+            screen,
             label_column=args.label_column,
             domain_column=args.domain_column,
             transform=augmentation,
             mode=pairing_mode,
-            seed=args.seed + accelerator.process_index,
+            seed=args.seed,
             buffer_size=args.shuffle_buffer_size,
             policy=args.single_domain_policy,
             domain_to_id={name: i for i, name in enumerate(domain_names)},
             image_loader=image_loader,
         )
         num_domains = len(domain_names)
-        sampler = None
         train_dataloader = torch.utils.data.DataLoader(
             train_dataset, batch_size=args.per_device_train_batch_size, num_workers=args.dataloader_num_workers,
             drop_last=True,
         )
+        set_data_pass = train_dataset.set_epoch
     else:
-        partner_index = PartnerIndex.from_table(
-            screen, label_column=args.label_column, domain_column=args.domain_column, policy=args.single_domain_policy
-        )
+        try:
+            partner_index = PartnerIndex.from_table(
+                screen, label_column=args.label_column, domain_column=args.domain_column, policy=args.single_domain_policy
+            )
+        except ValueError as error:
+            raise SystemExit(f"cannot pair the screen's images for --method {args.method}: {error}") from error
+        if args.method != "dino" and partner_index.counts["items_cross_domain"] == 0:
+            raise SystemExit(
+                f"no image has a partner with the same {args.label_column!r} in another {args.domain_column!r} "
+                f"({partner_index.num_domains} domain(s)), so --method {args.method} would learn nothing beyond DINO; "
+                "choose another --domain_column / --label_column, or --method dino"
+            )
         logger.info(f"partner index: {partner_index.state_summary()}", main_process_only=True)
         train_dataset = CrossDomainPairDataset(
             screen, partner_index, transform=augmentation, mode=pairing_mode, seed=args.seed, image_loader=image_loader
@@ -388,6 +401,7 @@ def main(argv=None):
             num_workers=args.dataloader_num_workers,
             drop_last=True,
         )
+        set_data_pass = sampler.set_epoch
 
     # ---- model: student backbone + DINO head, EMA teacher ----
     if args.init_from_vit:
@@ -461,18 +475,25 @@ def main(argv=None):
     view_sources = augmentation.view_sources().to(accelerator.device)
 
     # ---- resume ----
-    global_step = 0
+    position = {"global_step": 0, "data_pass": 0, "batches_done_in_pass": 0}
     checkpoint = find_checkpoint(args)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
-        global_step = json.loads((checkpoint / "training_state.json").read_text())["global_step"]
-        accelerator.print(f"resumed from {checkpoint} at step {global_step}")
+        position = json.loads((checkpoint / "training_state.json").read_text())
+        accelerator.print(f"resumed from {checkpoint} at step {position['global_step']}")
+    global_step = position["global_step"]
 
     if accelerator.is_main_process:
         args.output_dir.mkdir(parents=True, exist_ok=True)
         (args.output_dir / "training_args.json").write_text(json.dumps(comparable_arguments(args), indent=2))
     if args.report_to != "none":
-        accelerator.init_trackers("cdcl", config={k: v for k, v in comparable_arguments(args).items() if v is not None})
+        # Trackers (TensorBoard's hparams) take scalars only.
+        tracker_config = {
+            key: (str(value) if isinstance(value, list) else value)
+            for key, value in comparable_arguments(args).items()
+            if value is not None
+        }
+        accelerator.init_trackers("cdcl", config=tracker_config)
     if not args.streaming:
         accelerator.print(
             f"{len(screen)} images, {partner_index.num_labels} labels ({args.label_column}), {num_domains} domains "
@@ -490,26 +511,23 @@ def main(argv=None):
         total=stop_at, initial=global_step, disable=not accelerator.is_local_main_process, desc="training"
     )
     log_file = args.output_dir / "train_log.jsonl"
-    start_epoch = global_step // steps_per_epoch
+    data_pass = position["data_pass"]
     student.train()
-    for epoch in range(start_epoch, num_epochs):
-        if global_step >= stop_at:
-            break
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        else:
-            train_dataset.set_epoch(epoch)
-        epoch_dataloader = train_dataloader
-        batches_done = (global_step - epoch * steps_per_epoch) * args.gradient_accumulation_steps
+    while global_step < stop_at:
+        set_data_pass(data_pass)
+        batches_done = position["batches_done_in_pass"] if data_pass == position["data_pass"] else 0
+        pass_dataloader = train_dataloader
         if batches_done > 0:
-            epoch_dataloader = accelerator.skip_first_batches(train_dataloader, batches_done)
+            pass_dataloader = accelerator.skip_first_batches(train_dataloader, batches_done)
+        steps_before_pass = global_step
 
         pair_cases = {}
-        for batch_index, batch in enumerate(epoch_dataloader, start=batches_done):
+        for batch_index, batch in enumerate(pass_dataloader, start=batches_done):
+            epoch = global_step // steps_per_epoch  # drives the per-epoch schedules (teacher temperature, freezing)
             # Drop-path masks come from the global RNG; seeding it per batch makes them a function of the position
             # in training, so a resumed run draws exactly what an uninterrupted one does.
             torch.manual_seed(
-                int(np.random.SeedSequence([args.seed, epoch, batch_index, accelerator.process_index]).generate_state(1)[0])
+                int(np.random.SeedSequence([args.seed, data_pass, batch_index, accelerator.process_index]).generate_state(1)[0])
             )
             with accelerator.accumulate(student):
                 views = stack_views(batch)
@@ -568,9 +586,17 @@ def main(argv=None):
                         handle.write(json.dumps(logs) + "\n")
                 pair_cases = {}  # counts per logging interval
             if global_step % args.checkpointing_steps == 0 or global_step == stop_at:
-                save_checkpoint(accelerator, args, global_step)
+                position = {"global_step": global_step, "data_pass": data_pass, "batches_done_in_pass": batch_index + 1}
+                save_checkpoint(accelerator, args, position)
             if global_step >= stop_at:
                 break
+        if global_step == steps_before_pass and global_step < stop_at:
+            raise SystemExit(
+                f"a full pass over the screen gave no optimizer step: fewer than "
+                f"{args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes} "
+                "usable items; lower --per_device_train_batch_size or --gradient_accumulation_steps"
+            )
+        data_pass += 1
     progress_bar.close()
 
     # ---- replicas must agree; then save the teacher backbone as the embedding model ----
