@@ -92,3 +92,23 @@ def test_model_repo_upload_and_download(hub_server, hub_repo_id, tmp_path):  # n
     assert np.array_equal(np.fromfile(weights, dtype=np.float32), np.arange(1000, dtype=np.float32))
     snapshot = snapshot_download(hub_repo_id, cache_dir=str(tmp_path / "cache2"))
     assert (tmp_path / "cache2").exists() and "config.json" in [p.name for p in __import__("pathlib").Path(snapshot).iterdir()]
+
+
+def test_cli_push_to_hub_only(hub_server, hub_repo_id, tmp_path):  # noqa: F811
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hub"))
+    try:
+        import build_dataset
+    finally:
+        sys.path.pop(0)
+    csv, pixels = small_screen(tmp_path / "screen")
+    code = build_dataset.main(["folder", "--metadata_csv", str(csv), "--channel_names", "DNA", "Tub", "Act",
+                               "--on_error", "skip", "--push_to_hub", hub_repo_id])
+    assert code == 0
+    loaded = load_screen(hub_repo_id, split="train", cache_dir=str(tmp_path / "cache"))
+    assert loaded.num_rows == 8 and screen_channel_names(loaded) == ["DNA", "Tub", "Act"]
+    by_well = {f"D{i:02d}": p for i, p in enumerate(pixels)}
+    for row in loaded:
+        np.testing.assert_array_equal(decode_image(row["image"]), by_well[row["well"]])
