@@ -27,7 +27,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from cdcl_hf import CDCLConfig, CDCLImageProcessor, CDCLModel
@@ -449,6 +449,15 @@ def main(argv=None):
     )
 
     optimizer = torch.optim.AdamW(param_groups_for_adamw(student, args.weight_decay), lr=args.learning_rate)
+    if accelerator.distributed_type == DistributedType.FSDP or (
+        accelerator.distributed_type == DistributedType.DEEPSPEED
+        and accelerator.state.deepspeed_plugin.zero_stage == 3
+    ):
+        # Sharded parameters would make every rank's EMA teacher average only its own shard of the student.
+        raise SystemExit(
+            "the EMA teacher needs the full student parameters on every process; FSDP and DeepSpeed ZeRO-3 shard "
+            "them. Use DDP (MULTI_GPU) or DeepSpeed ZeRO-1/2 in `accelerate config` (a ViT-S/B fits on one GPU)."
+        )
     student, optimizer, train_dataloader = accelerator.prepare(student, optimizer, train_dataloader)
     teacher.to(accelerator.device)
     objective.to(accelerator.device)
