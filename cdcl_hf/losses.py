@@ -434,6 +434,9 @@ class CDCLObjective(nn.Module):
         logs["loss"] = loss.detach()
         logs["teacher_temp"] = torch.tensor(self.dino.teacher_temp(epoch))
         logs.update(collapse_metrics(self.dino.teacher_probs(centred, epoch)))
+        # Cross-entropy = teacher entropy + KL(teacher || student). The entropy moves with the teacher's sharpness
+        # (it rises early in training as the teacher diversifies); the KL is the part the student closes.
+        logs["dino_kl"] = logs["dino_loss"] - logs["teacher_entropy"]
         logs["center_norm"] = self.center.center.norm(dim=1).mean().detach()
         if self.training:
             self.center.update(teacher_out, teacher_domains)

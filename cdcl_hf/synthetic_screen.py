@@ -992,6 +992,40 @@ def _parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+# The synthetic screen the training and evaluation commands use by default ("--dataset_name synthetic"): each
+# treatment on 2 plates in different batches, so cross-domain partners exist and NSCB is defined.
+DEFAULT_CLI_SCREEN = {"num_images": 960, "image_size": 64, "num_channels": 3, "batch_effect_strength": 1.0,
+                      "plates_per_treatment": 2}
+
+
+def add_synthetic_screen_arguments(parser: argparse.ArgumentParser, default_seed: int = 0) -> None:
+    """`--synthetic_*` flags describing the screen that `--dataset_name synthetic` stands for."""
+    group = parser.add_argument_group("synthetic screen (--dataset_name synthetic)")
+    group.add_argument("--synthetic_num_images", type=int, default=DEFAULT_CLI_SCREEN["num_images"],
+                       help="approximate image count (the plate layout stays balanced)")
+    group.add_argument("--synthetic_image_size", type=int, default=DEFAULT_CLI_SCREEN["image_size"])
+    group.add_argument("--synthetic_num_channels", type=int, default=DEFAULT_CLI_SCREEN["num_channels"])
+    group.add_argument("--synthetic_batch_effect_strength", type=float,
+                       default=DEFAULT_CLI_SCREEN["batch_effect_strength"])
+    group.add_argument("--synthetic_plates_per_treatment", type=int,
+                       default=DEFAULT_CLI_SCREEN["plates_per_treatment"], help="0: every treatment on every plate")
+    group.add_argument("--synthetic_seed", type=int, default=default_seed,
+                       help="draws plates, batch effects and compounds; another seed is a held-out screen")
+
+
+def synthetic_screen_from_args(args: argparse.Namespace):
+    """The `datasets.Dataset` described by the flags of `add_synthetic_screen_arguments`."""
+    config = config_for_num_images(
+        args.synthetic_num_images,
+        image_size=args.synthetic_image_size,
+        num_channels=args.synthetic_num_channels,
+        batch_effect_strength=args.synthetic_batch_effect_strength,
+        plates_per_treatment=args.synthetic_plates_per_treatment or None,
+        seed=args.synthetic_seed,
+    )
+    return synthetic_screen_dataset(config)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parse_args(argv)
     fields = {

@@ -265,6 +265,19 @@ def test_objective_combines_terms_and_updates_centres_in_training_only():
         "teacher_kl_to_uniform",
         "center_norm",
     } <= set(out.logs)
+    # The student-controlled part of the DINO term: mean KL(teacher || student) over the same pairs.
+    q = F.softmax(centred / 0.04, -1)
+    log_p = F.log_softmax(student / 0.1, -1)
+    kl = sum(
+        (
+            torch.special.xlogy(q[t * batch : (t + 1) * batch], q[t * batch : (t + 1) * batch])
+            - q[t * batch : (t + 1) * batch] * log_p[s * batch : (s + 1) * batch]
+        )
+        .sum(-1)
+        .mean()
+        for t, s in pairs
+    ) / len(pairs)
+    assert torch.allclose(out.logs["dino_kl"], kl, atol=1e-4)
     assert not torch.equal(objective.center.center, centres_before)  # updated in training mode
     out.loss.backward()
     assert student.grad.abs().sum() > 0

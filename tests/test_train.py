@@ -66,7 +66,7 @@ def test_readme_command_trains_and_saves_a_loadable_model(tmp_path):
     output_dir = tmp_path / "outputs" / "cdcl-tiny-synthetic"
     assert "saved the teacher backbone" in result.stdout + result.stderr
     summary = json.loads((output_dir / "training_summary.json").read_text())
-    assert summary["finished"] and summary["global_step"] == 120
+    assert summary["finished"] and summary["global_step"] == 116  # 4 epochs x (936 images // batch 32)
 
     log = read_log(output_dir)
     assert log[-1]["loss"] < log[0]["loss"]
@@ -147,14 +147,22 @@ def test_real_bbbc021_crops_loss_decreases(tmp_path, shared_data_dir):
 
     crops = shared_data_dir / "bbbc021_crops"
     build_screen_dataset(folder_source(crops / "metadata.csv", image_root=crops / "images"), output_dir=tmp_path / "bbbc021")
+    # In DINO the target moves: the EMA teacher and the centres change, and centring flattens the teacher, so the
+    # cross-entropy of a healthy run can rise early on. With the teacher and its centre held fixed the target is
+    # stationary, and the loss falls only if data, views, model, loss and optimiser work together on real crops.
     train(
-        tmp_path, "--dataset_name", str(tmp_path / "bbbc021"), "--domain_column", "batch",
+        tmp_path, "--dataset_name", str(tmp_path / "bbbc021"), "--domain_column", "batch", "--method", "dino-cb",
         "--resize_to", "64", "--per_device_train_batch_size", "32", "--max_train_steps", "40", "--warmup_epochs", "0.2",
-        "--output_dir", "real",
+        "--momentum_teacher", "1", "--momentum_teacher_end", "1", "--center_momentum", "1", "--output_dir", "real",
     )
-    losses = [row["loss"] for row in read_log(tmp_path / "real")]
-    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    assert last < 0.9 * first, losses
+    log = read_log(tmp_path / "real")
+    # Some treatments were imaged in one week only; those crops fall back to a same-week partner, and are counted.
+    pair_counts = {k: v for k, v in log[-1].items() if k.startswith("pairs_")}
+    assert sum(pair_counts.values()) == 32 and pair_counts["pairs_cross_domain"] > 0, pair_counts
+    for term in ("loss", "dino_kl"):
+        values = [row[term] for row in log]
+        first, last = sum(values[:8]) / 8, sum(values[-8:]) / 8
+        assert last < 0.9 * first, (term, values)
 
 
 def test_refuses_to_mix_runs_and_mismatched_resumes(tmp_path):

@@ -46,6 +46,7 @@ from cdcl_hf.profiling import (
     write_profiles,
 )
 from cdcl_hf.screen_data import decode_image, load_screen, parse_column_mapping
+from cdcl_hf.synthetic_screen import add_synthetic_screen_arguments, synthetic_screen_from_args
 
 logger = logging.getLogger("cdcl_hf.evaluate")
 
@@ -63,7 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="rename a dataset column to its standard name (repeatable), Metadata_Plate=plate")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--trust_remote_code", action="store_true")
-    parser.add_argument("--synthetic_num_images", type=int, default=600, help='size of --dataset_name synthetic')
+    # Seed 1 by default: a held-out screen for a model trained on the training command's default (seed 0).
+    add_synthetic_screen_arguments(parser, default_seed=1)
     columns = parser.add_argument_group("dataset columns (names in the dataset, without Metadata_)")
     columns.add_argument("--label_column", "--treatment_column", dest="treatment_column", default="treatment")
     columns.add_argument("--batch_column", default="batch")
@@ -104,26 +106,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load_evaluation_dataset(
-    name: str,
-    split: str,
-    synthetic_num_images: int = 600,
-    streaming: bool = False,
-    revision: str | None = None,
-    column_mapping: dict[str, str] | None = None,
-):
-    """The screen dataset to embed: "synthetic", or whatever ``load_screen`` reads (schema checked there)."""
-    if name == "synthetic":
-        if streaming or column_mapping or revision:
+def load_evaluation_dataset(args: argparse.Namespace):
+    """The screen dataset to embed: "synthetic" (the `--synthetic_*` flags), or whatever ``load_screen`` reads."""
+    column_mapping = parse_column_mapping(args.column_map) or None
+    if args.dataset_name == "synthetic":
+        if args.streaming or column_mapping or args.dataset_revision:
             raise ValueError(
                 "--streaming, --column_map and --dataset_revision are for screens on disk or the Hub, "
                 "not the synthetic screen"
             )
-        from cdcl_hf.synthetic_screen import config_for_num_images, synthetic_screen_dataset
-
-        return synthetic_screen_dataset(config_for_num_images(synthetic_num_images))
-    return load_screen(name, split=split, streaming=streaming, revision=revision,
-                       column_mapping=column_mapping)
+        return synthetic_screen_from_args(args)
+    return load_screen(args.dataset_name, split=args.split, streaming=args.streaming,
+                       revision=args.dataset_revision, column_mapping=column_mapping)
 
 
 def first_n(dataset, n: int | None):
@@ -174,10 +168,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     moa_column = None if args.moa_column.lower() == "none" else metadata_name(args.moa_column)
 
     model, processor = load_feature_extractor(args.model, trust_remote_code=args.trust_remote_code)
-    screen = load_evaluation_dataset(
-        args.dataset_name, args.split, args.synthetic_num_images, streaming=args.streaming,
-        revision=args.dataset_revision, column_mapping=parse_column_mapping(args.column_map) or None,
-    )
+    screen = load_evaluation_dataset(args)
     # Fail on a channel mismatch before the (possibly long) pass over the screen for plate statistics.
     first_row = next(iter(screen.select_columns(["image"])), None)
     if first_row is None:

@@ -55,7 +55,7 @@ from cdcl_hf.schedules import (
     update_teacher_ema,
 )
 from cdcl_hf.screen_data import decode_image, load_screen, plate_statistics, screen_channel_names
-from cdcl_hf.synthetic_screen import config_for_num_images, synthetic_screen_dataset
+from cdcl_hf.synthetic_screen import add_synthetic_screen_arguments, synthetic_screen_from_args
 
 logger = get_logger(__name__)
 
@@ -79,6 +79,12 @@ ARCHITECTURE_ARGUMENTS = (
     "per_device_train_batch_size",
     "gradient_accumulation_steps",
     "seed",
+    "synthetic_num_images",
+    "synthetic_image_size",
+    "synthetic_num_channels",
+    "synthetic_batch_effect_strength",
+    "synthetic_plates_per_treatment",
+    "synthetic_seed",
 )
 # Arguments that may differ between a run and its resumption.
 RESUME_ONLY_ARGUMENTS = ("resume_from_checkpoint", "stop_after_steps", "overwrite_output_dir", "report_to")
@@ -94,10 +100,6 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--dataset_revision", default=None)
     data.add_argument("--streaming", action="store_true", help="stream the screen (needs --max_train_steps)")
     data.add_argument("--shuffle_buffer_size", type=int, default=1000, help="streaming: pairing / shuffle buffer")
-    data.add_argument("--synthetic_num_images", type=int, default=960)
-    data.add_argument("--synthetic_image_size", type=int, default=64)
-    data.add_argument("--synthetic_num_channels", type=int, default=3)
-    data.add_argument("--synthetic_batch_effect_strength", type=float, default=1.0)
     data.add_argument("--label_column", default="treatment", help="the biological condition partners share")
     data.add_argument("--domain_column", default="plate", help="the nuisance grouping partners differ in")
     data.add_argument(
@@ -113,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="intensity normalisation: per plate from its controls / all its images, or per image",
     )
     data.add_argument("--dataloader_num_workers", type=int, default=0)
+    add_synthetic_screen_arguments(parser)
 
     model = parser.add_argument_group("model")
     model.add_argument("--model_preset", default="tiny", help="tiny | vit-small-patch16 | vit-base-patch16")
@@ -120,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--pooling", default="cls", choices=["cls", "mean", "cls+mean"])
     model.add_argument("--drop_path_rate", type=float, default=0.1, help="student only")
     model.add_argument("--gradient_checkpointing", action="store_true")
-    model.add_argument("--out_dim", type=int, default=1024)
+    model.add_argument("--out_dim", type=int, default=256)
     model.add_argument("--head_hidden_dim", type=int, default=512)
     model.add_argument("--head_bottleneck_dim", type=int, default=128)
     model.add_argument("--head_layers", type=int, default=3)
@@ -131,14 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     method.add_argument("--only_cross_domain", action="store_true", help="drop same-image teacher/student pairs")
     method.add_argument("--dino_weight", type=float, default=None, help="default: 0.25 for cdcl, 1 otherwise")
     method.add_argument("--cross_correlation_weight", type=float, default=None, help="default: 0.75 for cdcl")
-    method.add_argument("--off_diagonal_weight", type=float, default=0.95)
+    method.add_argument("--off_diagonal_weight", type=float, default=0.5, help="authors: 0.95 (see configs)")
     method.add_argument("--center_momentum", type=float, default=0.9)
     method.add_argument("--student_temp", type=float, default=0.1)
     method.add_argument("--warmup_teacher_temp", type=float, default=0.04)
-    method.add_argument("--teacher_temp", type=float, default=0.07)
+    method.add_argument("--teacher_temp", type=float, default=0.04)
     method.add_argument("--warmup_teacher_temp_epochs", type=int, default=2)
-    method.add_argument("--momentum_teacher", type=float, default=0.995)
-    method.add_argument("--momentum_teacher_end", type=float, default=0.9996)
+    method.add_argument("--momentum_teacher", type=float, default=0.95)
+    method.add_argument("--momentum_teacher_end", type=float, default=0.995)
 
     views = parser.add_argument_group("views")
     views.add_argument("--resize_to", type=int, default=None, help="resize images before cropping (authors: 256)")
@@ -241,14 +244,7 @@ def load_training_screen(args: argparse.Namespace):
     if args.dataset_name == "synthetic":
         if args.streaming:
             raise SystemExit("--streaming is for screens on disk or the Hub, not the synthetic screen")
-        config = config_for_num_images(
-            args.synthetic_num_images,
-            image_size=args.synthetic_image_size,
-            num_channels=args.synthetic_num_channels,
-            batch_effect_strength=args.synthetic_batch_effect_strength,
-            seed=args.seed,
-        )
-        return synthetic_screen_dataset(config)
+        return synthetic_screen_from_args(args)
     return load_screen(
         args.dataset_name, split=args.dataset_split, streaming=args.streaming, revision=args.dataset_revision
     )
@@ -432,22 +428,6 @@ def main(argv=None):
     student = MultiCropModel(backbone, head)
     teacher = make_teacher(student)
 
-    objective = CDCLObjective(
-        method=args.method,
-        out_dim=args.out_dim,
-        num_domains=num_domains,
-        teacher_temp_schedule=teacher_temperature_schedule(
-            max(args.num_train_epochs, 1), args.warmup_teacher_temp, args.teacher_temp, args.warmup_teacher_temp_epochs
-        ),
-        student_temp=args.student_temp,
-        dino_weight=args.dino_weight,
-        cross_correlation_weight=args.cross_correlation_weight,
-        off_diagonal_weight=args.off_diagonal_weight,
-        center_momentum=args.center_momentum,
-        only_cross_domain=args.only_cross_domain,
-        gather_distributed=accelerator.num_processes > 1,
-    )
-
     optimizer = torch.optim.AdamW(param_groups_for_adamw(student, args.weight_decay), lr=args.learning_rate)
     if accelerator.distributed_type == DistributedType.FSDP or (
         accelerator.distributed_type == DistributedType.DEEPSPEED
@@ -460,9 +440,6 @@ def main(argv=None):
         )
     student, optimizer, train_dataloader = accelerator.prepare(student, optimizer, train_dataloader)
     teacher.to(accelerator.device)
-    objective.to(accelerator.device)
-    # Not optimised, but part of the training state: saved and restored with every checkpoint.
-    accelerator.register_for_checkpointing(teacher, objective)
 
     # ---- schedules, per optimizer step ----
     if args.streaming:
@@ -482,6 +459,25 @@ def main(argv=None):
     wd_schedule = cosine_schedule(args.weight_decay, args.weight_decay_end, num_epochs, steps_per_epoch)
     momentum_schedule = cosine_schedule(args.momentum_teacher, args.momentum_teacher_end, num_epochs, steps_per_epoch)
     view_sources = augmentation.view_sources().to(accelerator.device)
+
+    objective = CDCLObjective(
+        method=args.method,
+        out_dim=args.out_dim,
+        num_domains=num_domains,
+        teacher_temp_schedule=teacher_temperature_schedule(
+            num_epochs, args.warmup_teacher_temp, args.teacher_temp, args.warmup_teacher_temp_epochs
+        ),
+        student_temp=args.student_temp,
+        dino_weight=args.dino_weight,
+        cross_correlation_weight=args.cross_correlation_weight,
+        off_diagonal_weight=args.off_diagonal_weight,
+        center_momentum=args.center_momentum,
+        only_cross_domain=args.only_cross_domain,
+        gather_distributed=accelerator.num_processes > 1,
+    )
+    objective.to(accelerator.device)
+    # Not optimised, but part of the training state: saved and restored with every checkpoint.
+    accelerator.register_for_checkpointing(teacher, objective)
 
     # ---- resume ----
     position = {"global_step": 0, "data_pass": 0, "batches_done_in_pass": 0}
