@@ -32,6 +32,8 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from .screen_data import decode_image
+
 __all__ = [
     "SingleDomainPolicy",
     "PairCase",
@@ -286,7 +288,7 @@ def _default_image_loader(row: Any) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value.float()
     if isinstance(value, (list, tuple)):  # screen schema: one single-channel image per channel
-        value = np.stack([np.asarray(channel) for channel in value])
+        value = decode_image(value)
     return torch.from_numpy(np.asarray(value, dtype=np.float32))
 
 
