@@ -8,8 +8,8 @@ For every seed it
      which each treatment is on `--plates_per_treatment` (default 2) plates of *different* batches, so NSCB is
      defined (with every treatment on every plate, as in the default screen, no candidate is left once the
      query's batches are excluded). The held-out screen has new plates, new batch effects and new compounds of
-     the same six MoAs. The screens are written with `save_to_disk` because neither `training/train.py` nor
-     `python -m cdcl_hf.synthetic_screen` exposes `plates_per_treatment` (see the report in the .md);
+     the same six MoAs. The screens are written once with `save_to_disk` and passed as folders, so every run
+     reads exactly the same pixels;
   2. trains, with identical flags, seed and initial weights:
        untrained  `train.py --max_train_steps 1` (learning rate 0 at step 0: the saved teacher is the init)
        dino       both global views from the same image, one centre
