@@ -86,8 +86,6 @@ ARCHITECTURE_ARGUMENTS = (
     "synthetic_plates_per_treatment",
     "synthetic_seed",
 )
-# Arguments that may differ between a run and its resumption.
-RESUME_ONLY_ARGUMENTS = ("resume_from_checkpoint", "stop_after_steps", "overwrite_output_dir", "report_to")
 
 
 def build_parser() -> argparse.ArgumentParser:
