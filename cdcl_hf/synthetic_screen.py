@@ -892,7 +892,7 @@ def generate_synthetic_screen(config: SyntheticScreenConfig | None = None) -> tu
 
 
 def synthetic_screen_dataset(config: SyntheticScreenConfig | None = None, **overrides):
-    """The synthetic screen as a screen-schema ``datasets.Dataset`` (see docs/CONTRACTS.md).
+    """The synthetic screen as a screen-schema ``datasets.Dataset`` (see docs/dataset-schema.md).
 
     ``overrides`` replace fields of ``config`` (or of the default config), e.g.
     ``synthetic_screen_dataset(batch_effect_strength=2.0, seed=3)``.
