@@ -83,8 +83,14 @@ def test_readme_command_trains_and_saves_a_loadable_model(tmp_path):
     assert embeddings.shape == (2, 64) and torch.isfinite(embeddings).all()
 
 
-def test_kill_and_resume_gives_the_same_weights(tmp_path):
+@pytest.mark.parametrize("streaming", [False, True], ids=["map-style", "streaming"])
+def test_kill_and_resume_gives_the_same_weights(tmp_path, streaming):
     steps = ["--max_train_steps", "6", "--checkpointing_steps", "3"]
+    if streaming:
+        # A stream is replayed to the checkpoint's position: the shuffle buffer and partners must come out the same.
+        run([sys.executable, "-m", "cdcl_hf.synthetic_screen", "--output_dir", "screen", "--num_images", "120",
+             "--image_size", "32"], cwd=tmp_path)
+        steps += ["--dataset_name", "screen", "--streaming", "--shuffle_buffer_size", "32", "--steps_per_epoch", "3"]
     train(tmp_path, *steps, "--output_dir", "straight")
     train(tmp_path, *steps, "--output_dir", "resumed", "--stop_after_steps", "3")
     assert not (tmp_path / "resumed" / "model.safetensors").exists()
