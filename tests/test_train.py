@@ -85,26 +85,30 @@ def test_readme_command_trains_and_saves_a_loadable_model(tmp_path):
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["map-style", "streaming"])
 def test_kill_and_resume_gives_the_same_weights(tmp_path, streaming):
-    steps = ["--max_train_steps", "6", "--checkpointing_steps", "3"]
+    # 104 images / batch 16 = 6 steps per pass: stopping at 3 is mid-pass, stopping at 6 is at a pass's end.
+    steps = ["--max_train_steps", "9", "--checkpointing_steps", "3"]
     if streaming:
         # A stream is replayed to the checkpoint's position: the shuffle buffer and partners must come out the same.
         run([sys.executable, "-m", "cdcl_hf.synthetic_screen", "--output_dir", "screen", "--num_images", "120",
              "--image_size", "32"], cwd=tmp_path)
-        steps += ["--dataset_name", "screen", "--streaming", "--shuffle_buffer_size", "32", "--steps_per_epoch", "3"]
+        steps += ["--dataset_name", "screen", "--streaming", "--shuffle_buffer_size", "32", "--steps_per_epoch", "6"]
     train(tmp_path, *steps, "--output_dir", "straight")
     train(tmp_path, *steps, "--output_dir", "resumed", "--stop_after_steps", "3")
     assert not (tmp_path / "resumed" / "model.safetensors").exists()
     assert (tmp_path / "resumed" / "checkpoints" / "step_3" / "training_state.json").is_file()
-    result = train(tmp_path, *steps, "--output_dir", "resumed", "--resume_from_checkpoint", "latest")
-    assert "resumed from" in result.stdout + result.stderr
+    for stop in ("6", "9"):
+        result = train(
+            tmp_path, *steps, "--output_dir", "resumed", "--resume_from_checkpoint", "latest", "--stop_after_steps", stop
+        )
+        assert "resumed from" in result.stdout + result.stderr
 
     # The same data order after resuming: every logged step has the same loss.
     straight_log, resumed_log = read_log(tmp_path / "straight"), read_log(tmp_path / "resumed")
-    assert [r["step"] for r in resumed_log] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in resumed_log] == list(range(1, 10))
     for a, b in zip(straight_log, resumed_log, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), (a["step"], a["loss"], b["loss"])
 
-    for name in ("model.safetensors", "checkpoints/step_6/model.safetensors"):  # teacher backbone, student
+    for name in ("model.safetensors", "checkpoints/step_9/model.safetensors"):  # teacher backbone, student
         straight, resumed = load_file(tmp_path / "straight" / name), load_file(tmp_path / "resumed" / name)
         assert straight.keys() == resumed.keys()
         for key in straight:

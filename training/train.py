@@ -368,7 +368,6 @@ def main(argv=None):
             train_dataset, batch_size=args.per_device_train_batch_size, num_workers=args.dataloader_num_workers,
             drop_last=True,
         )
-        set_data_pass = train_dataset.set_epoch
     else:
         try:
             partner_index = PartnerIndex.from_table(
@@ -387,15 +386,13 @@ def main(argv=None):
             screen, partner_index, transform=augmentation, mode=pairing_mode, seed=args.seed, image_loader=image_loader
         )
         num_domains = partner_index.num_domains
-        sampler = EpochIndexSampler(len(train_dataset), seed=args.seed)
         train_dataloader = torch.utils.data.DataLoader(
             train_dataset,
             batch_size=args.per_device_train_batch_size,
-            sampler=sampler,
+            sampler=EpochIndexSampler(len(train_dataset), seed=args.seed),
             num_workers=args.dataloader_num_workers,
             drop_last=True,
         )
-        set_data_pass = sampler.set_epoch
 
     # ---- model: student backbone + DINO head, EMA teacher ----
     if args.init_from_vit:
@@ -517,11 +514,14 @@ def main(argv=None):
     data_pass = position["data_pass"]
     student.train()
     while global_step < stop_at:
-        set_data_pass(data_pass)
+        # accelerate's loaders pass the pass index on to the sampler (map-style) or the dataset (stream), which
+        # derive the shuffling, partners and augmentations from it.
+        train_dataloader.set_epoch(data_pass)
         batches_done = position["batches_done_in_pass"] if data_pass == position["data_pass"] else 0
         pass_dataloader = train_dataloader
         if batches_done > 0:
             pass_dataloader = accelerator.skip_first_batches(train_dataloader, batches_done)
+            pass_dataloader.set_epoch(data_pass)
         steps_before_pass = global_step
 
         pair_cases = {}
@@ -593,7 +593,8 @@ def main(argv=None):
                 save_checkpoint(accelerator, args, position)
             if global_step >= stop_at:
                 break
-        if global_step == steps_before_pass and global_step < stop_at:
+        # A resumed pass may have nothing left (the checkpoint was at its end); a fresh pass must give a step.
+        if global_step == steps_before_pass and global_step < stop_at and batches_done == 0:
             raise SystemExit(
                 f"a full pass over the screen gave no optimizer step: fewer than "
                 f"{args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes} "
