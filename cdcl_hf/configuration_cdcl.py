@@ -4,8 +4,9 @@ from transformers import PretrainedConfig
 
 POOLING_MODES = ("cls", "mean", "cls+mean")
 
-# Named sizes. "vit-small-patch16" is DeiT-S/16, the backbone the CDCL authors start from.
-PRESETS = {
+# Named architecture sizes for `CDCLConfig.from_preset`. "vit-small-patch16" is DeiT-S/16, the backbone the CDCL
+# authors start from. (Not to be confused with the multi-crop presets in `cdcl_hf.multicrop.PRESETS`.)
+ARCHITECTURE_PRESETS = {
     "vit-small-patch16": {
         "hidden_size": 384,
         "num_hidden_layers": 12,
@@ -36,30 +37,58 @@ PRESETS = {
 
 class CDCLConfig(PretrainedConfig):
     r"""
-    Configuration of a CDCL backbone: a Vision Transformer over C-channel microscopy images.
+    This is the configuration class to store the configuration of a [`CDCLModel`]: a Vision Transformer over
+    C-channel microscopy images (Cross-Domain Consistency Learning backbone). Instantiating a configuration with the
+    defaults yields a DeiT-S/16-sized model over 3 channels; `CDCLConfig.from_preset` gives the named sizes.
 
-    Field names follow transformers' `ViTConfig`, so a 3-channel ViT / DeiT / DINO checkpoint maps onto it.
+    Field names follow transformers' `ViTConfig`, so a 3-channel ViT / DeiT / DINO checkpoint maps onto it (see
+    `cdcl_hf.convert_vit.cdcl_model_from_vit_checkpoint`).
 
     Args:
-        hidden_size (`int`, defaults to 384): Width of the encoder.
-        num_hidden_layers (`int`, defaults to 12): Number of transformer layers.
-        num_attention_heads (`int`, defaults to 6): Attention heads per layer.
-        intermediate_size (`int`, defaults to 1536): Width of the MLP inside each layer.
-        hidden_act (`str`, defaults to `"gelu"`): MLP activation.
-        hidden_dropout_prob (`float`, defaults to 0.0): Dropout after attention / MLP outputs.
-        attention_probs_dropout_prob (`float`, defaults to 0.0): Dropout on attention weights.
-        drop_path_rate (`float`, defaults to 0.0): Stochastic-depth rate of the last layer; rates grow linearly
-            from 0 at the first layer (the CDCL student uses 0.1).
-        initializer_range (`float`, defaults to 0.02): Std of the truncated normal initialiser.
-        layer_norm_eps (`float`, defaults to 1e-6): LayerNorm epsilon (DeiT / DINO use 1e-6).
-        image_size (`int`, defaults to 224): Size the position embeddings are stored for; other sizes divisible
-            by `patch_size` are handled by interpolating them.
-        patch_size (`int`, defaults to 16): Patch size.
-        num_channels (`int`, defaults to 3): Number of image channels (fluorescence stains).
-        channel_names (`list[str]`, *optional*): Name of each channel, e.g. `["DNA", "ER", "RNA", "AGP", "Mito"]`.
-        qkv_bias (`bool`, defaults to `True`): Bias on query / key / value projections.
-        pooling (`str`, defaults to `"cls"`): What `pooler_output` holds: `"cls"` (the CLS token, CDCL's
-            embedding), `"mean"` (mean of the patch tokens) or `"cls+mean"` (both, concatenated: 2 x hidden_size).
+        hidden_size (`int`, *optional*, defaults to 384):
+            Dimensionality of the encoder layers.
+        num_hidden_layers (`int`, *optional*, defaults to 12):
+            Number of transformer layers.
+        num_attention_heads (`int`, *optional*, defaults to 6):
+            Number of attention heads in each attention layer; must divide `hidden_size`.
+        intermediate_size (`int`, *optional*, defaults to 1536):
+            Dimensionality of the hidden layer of the MLP inside each transformer layer.
+        hidden_act (`str`, *optional*, defaults to `"gelu"`):
+            Activation of the MLP (a key of `transformers.activations.ACT2FN`).
+        hidden_dropout_prob (`float`, *optional*, defaults to 0.0):
+            Dropout probability after the embeddings and on the attention / MLP outputs.
+        attention_probs_dropout_prob (`float`, *optional*, defaults to 0.0):
+            Dropout probability on the attention weights.
+        drop_path_rate (`float`, *optional*, defaults to 0.0):
+            Stochastic-depth rate of the last layer; the rates grow linearly from 0 at the first layer (the CDCL
+            student uses 0.1).
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the truncated normal initialiser of all weight matrices and embeddings.
+        layer_norm_eps (`float`, *optional*, defaults to 1e-6):
+            Epsilon of the layer normalisations (DeiT / DINO use 1e-6).
+        image_size (`int`, *optional*, defaults to 224):
+            Image size the position embeddings are stored for; other sizes divisible by `patch_size` are handled by
+            interpolating them.
+        patch_size (`int`, *optional*, defaults to 16):
+            Size (height and width) of each patch.
+        num_channels (`int`, *optional*, defaults to 3):
+            Number of image channels (fluorescence stains).
+        channel_names (`list[str]`, *optional*):
+            Name of each channel, e.g. `["DNA", "ER", "RNA", "AGP", "Mito"]`; must have `num_channels` entries.
+        qkv_bias (`bool`, *optional*, defaults to `True`):
+            Whether the query / key / value projections have a bias.
+        pooling (`str`, *optional*, defaults to `"cls"`):
+            What `pooler_output` holds: `"cls"` (the CLS token, CDCL's embedding), `"mean"` (the mean of the patch
+            tokens) or `"cls+mean"` (both, concatenated: 2 x `hidden_size`).
+
+    Example:
+
+    ```python
+    >>> from cdcl_hf import CDCLConfig, CDCLModel
+
+    >>> configuration = CDCLConfig.from_preset("vit-small-patch16", num_channels=5)
+    >>> model = CDCLModel(configuration)
+    ```
     """
 
     model_type = "cdcl"
@@ -121,15 +150,28 @@ class CDCLConfig(PretrainedConfig):
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "CDCLConfig":
-        """A configuration of a named size (`"vit-small-patch16"`, `"vit-base-patch16"`, `"tiny"`), with overrides."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
+        r"""
+        A configuration of a named architecture size.
+
+        Args:
+            name (`str`):
+                One of the keys of `ARCHITECTURE_PRESETS`: `"vit-small-patch16"` (DeiT-S/16), `"vit-base-patch16"`
+                (ViT-B/16) or `"tiny"` (for tests and CPU smoke runs).
+            overrides:
+                Any other `CDCLConfig` argument (e.g. `num_channels=5`, `drop_path_rate=0.1`); it takes precedence
+                over the preset.
+
+        Returns:
+            `CDCLConfig`: the configuration.
+        """
+        if name not in ARCHITECTURE_PRESETS:
+            raise ValueError(f"unknown preset {name!r}; available: {sorted(ARCHITECTURE_PRESETS)}")
+        return cls(**{**ARCHITECTURE_PRESETS[name], **overrides})
 
     @property
     def pooled_size(self) -> int:
-        """Width of `pooler_output`."""
+        """Width of `pooler_output`: `hidden_size`, or twice it for `pooling="cls+mean"`."""
         return 2 * self.hidden_size if self.pooling == "cls+mean" else self.hidden_size
 
 
-__all__ = ["CDCLConfig", "PRESETS", "POOLING_MODES"]
+__all__ = ["CDCLConfig", "ARCHITECTURE_PRESETS", "POOLING_MODES"]

@@ -3,7 +3,7 @@
 Three layouts are read into a :class:`ScreenSource` (a list of rows, each naming its image file(s)):
 
 * :func:`folder_source`: a metadata CSV naming one multi-channel file or one file per channel per
-  row (npy / tif / tiff / png);
+  row (npy / tif / tiff / png or another format Pillow reads; see :mod:`cdcl_hf.image_io`);
 * :func:`bbbc021_source`: the official BBBC021 download (``BBBC021_v1_image.csv``,
   ``BBBC021_v1_moa.csv`` and the per-week TIFF folders);
 * :func:`rxrx1_source`: the RxRx1 download (``metadata.csv`` + ``images/<experiment>/Plate<n>/
@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 from huggingface_hub import DatasetCard, DatasetCardData
 
+from cdcl_hf.image_io import ChannelAxis, read_image
 from cdcl_hf.screen_data import (
     CHANNEL_NAMES_COLUMN,
     IMAGE_COLUMN,
@@ -57,10 +58,8 @@ from cdcl_hf.screen_data import (
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".npy", ".tif", ".tiff", ".png")
 SKIPPED_ROWS_FILE = "skipped_rows.csv"
 CARD_FILE = "README.md"
-ChannelAxis = Literal["auto", "first", "last"]
 OnError = Literal["raise", "skip"]
 
 
@@ -95,68 +94,25 @@ class ScreenSource:
 # --------------------------------------------------------------------------------------------
 
 
-def read_image_file(path: str) -> np.ndarray:
-    """The raw array stored in one npy / tif / tiff / png file (no axis changes)."""
-    suffix = Path(path).suffix.lower()
-    if suffix == ".npy":
-        return np.load(path, allow_pickle=False)
-    if suffix in (".tif", ".tiff"):
-        import tifffile
-
-        return tifffile.imread(path)
-    if suffix == ".png":
-        from PIL import Image
-
-        with Image.open(path) as image:
-            image.load()  # decode now so a truncated file fails here, not later
-            array = np.asarray(image)
-        if image.mode == "I" and array.size and array.min() >= 0 and array.max() <= 65535:
-            array = array.astype(np.uint16)  # PIL widens some 16-bit greyscale PNGs to int32
-        return array
-    raise ImageReadError(f"{path}: unsupported image type {suffix!r}; expected one of {IMAGE_SUFFIXES}")
-
-
-def _to_channels_first(array: np.ndarray, channel_axis: ChannelAxis, where: str) -> np.ndarray:
-    if array.ndim == 2:
-        return array[np.newaxis]
-    if array.ndim != 3:
-        raise ImageShapeError(f"{where}: expected a 2-D or 3-D image, got shape {array.shape}")
-    if channel_axis == "auto":
-        # Microscopy fields are much larger than their channel count; the small axis is the channel one.
-        first_is_small, last_is_small = array.shape[0] < min(array.shape[1:]), array.shape[2] < min(array.shape[:2])
-        if first_is_small == last_is_small:
-            raise ImageShapeError(
-                f"{where}: cannot tell the channel axis of shape {array.shape}; pass channel_axis='first' or 'last'"
-            )
-        channel_axis = "first" if first_is_small else "last"
-    return array if channel_axis == "first" else np.moveaxis(array, -1, 0)
-
-
 def load_record_pixels(record: ScreenRecord, channel_axis: ChannelAxis = "auto") -> np.ndarray:
-    """The (C, H, W) uint8/uint16 pixels of one record; errors name the row and file."""
-    planes = []
-    for path in record.files:
-        if not os.path.isfile(path):
-            raise MissingImageError(f"{record.label}: image file {path} does not exist")
-        try:
-            array = read_image_file(path)
-        except ScreenDataError:
-            raise
-        except Exception as error:  # noqa: BLE001 - any decoder failure means an unreadable file
-            raise ImageReadError(f"{record.label}: cannot read image file {path}: {type(error).__name__}: {error}") from error
-        where = f"{record.label}, file {path}"
-        if len(record.files) == 1:
-            return check_pixel_array(_to_channels_first(array, channel_axis, where), where)
-        if array.ndim == 3 and 1 in (array.shape[0], array.shape[-1]):
-            array = array.reshape(array.shape[1:] if array.shape[0] == 1 else array.shape[:-1])
-        if array.ndim != 2:
-            raise ImageShapeError(f"{where}: a per-channel file must hold one 2-D plane, got shape {array.shape}")
-        planes.append(check_pixel_array(array[np.newaxis], where)[0])
-    shapes = {(p.shape, p.dtype.str) for p in planes}
-    if len(shapes) > 1:
-        details = ", ".join(f"{path}: {p.shape} {p.dtype}" for path, p in zip(record.files, planes, strict=True))
-        raise ImageShapeError(f"{record.label}: its channel files differ in size or dtype ({details})")
-    return np.stack(planes)
+    """The (C, H, W) pixels of one record, checked to be uint8/uint16.
+
+    Args:
+        record (`ScreenRecord`):
+            The row: one multi-channel file, or one single-channel file per channel.
+        channel_axis (`str`, defaults to `"auto"`):
+            Where the channels are in a multi-channel file (see :func:`cdcl_hf.image_io.to_channels_first`).
+
+    Returns:
+        `np.ndarray`: The (C, H, W) uint8 or uint16 pixels.
+
+    Raises:
+        ScreenDataError: ``MissingImageError``, ``ImageReadError`` or ``ImageShapeError``, naming the row
+            and the file.
+    """
+    pixels = read_image(record.files, channel_axis, where=record.label)
+    files = f"file {record.files[0]}" if len(record.files) == 1 else f"files {record.files}"
+    return check_pixel_array(pixels, f"{record.label}, {files}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """DINO projection head and the multi-crop student/teacher forward.
 
 The backbone is `cdcl_hf.modeling_cdcl.CDCLModel` (or any module called as
-``backbone(pixel_values=x)`` returning an object with ``.pooler_output``, or a plain tensor).
+`backbone(pixel_values=x)`; its embedding is `cdcl_hf.embedding.pooled_embedding` of the output).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import weight_norm
 
+from .embedding import pooled_embedding
+
 __all__ = [
     "DINOHead",
     "MultiCropModel",
@@ -24,13 +26,26 @@ __all__ = [
 
 
 class DINOHead(nn.Module):
-    """MLP -> L2-normalised bottleneck -> weight-normalised linear layer to ``out_dim`` logits.
+    """MLP -> L2-normalised bottleneck -> weight-normalised linear layer to `out_dim` logits.
 
-    ``nlayers`` counts the Linear layers of the MLP (GELU between them; the last maps to
-    ``bottleneck_dim``). The last layer is ``weight_norm(Linear(bottleneck_dim, out_dim,
-    bias=False))``; with ``norm_last_layer=True`` its magnitude (``original0``) is fixed at 1 so
-    every logit is a cosine similarity to a prototype, which stabilises training.
-    Freeze the direction for the first epoch(s) with `cancel_last_layer_gradients`.
+    The last layer is `weight_norm(Linear(bottleneck_dim, out_dim, bias=False))`. Freeze its direction
+    for the first epoch(s) with `cancel_last_layer_gradients`.
+
+    Args:
+        in_dim (`int`):
+            The dimension of the backbone features.
+        out_dim (`int`):
+            The number of logits.
+        hidden_dim (`int`, *optional*, defaults to 2048):
+            The width of the MLP's hidden layers.
+        bottleneck_dim (`int`, *optional*, defaults to 256):
+            The output dimension of the MLP.
+        nlayers (`int`, *optional*, defaults to 3):
+            The number of Linear layers of the MLP (GELU between them; the last maps to
+            `bottleneck_dim`).
+        norm_last_layer (`bool`, *optional*, defaults to `True`):
+            Fix the last layer's magnitude (`original0`) at 1 so every logit is a cosine similarity
+            to a prototype, which stabilises training.
     """
 
     def __init__(
@@ -75,14 +90,24 @@ class DINOHead(nn.Module):
 
 
 def last_layer_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Parameters of every `DINOHead.last_layer` inside ``model`` (e.g. a DDP-wrapped student)."""
+    """Parameters of every `DINOHead.last_layer` inside `model` (e.g. a DDP-wrapped student)."""
     return [p for m in model.modules() if isinstance(m, DINOHead) for p in m.last_layer.parameters()]
 
 
 def cancel_last_layer_gradients(model: nn.Module, epoch: int, freeze_last_layer_epochs: int) -> None:
-    """Drop the last layer's gradients during the first ``freeze_last_layer_epochs`` epochs (call
-    after backward, before the optimizer step). Freezing it early avoids collapse while the
-    prototypes are still random (authors: 1 epoch)."""
+    """Drop the last layer's gradients during the first `freeze_last_layer_epochs` epochs.
+
+    Call after backward, before the optimizer step. Freezing it early avoids collapse while the
+    prototypes are still random (authors: 1 epoch).
+
+    Args:
+        model (`nn.Module`):
+            The model holding the `DINOHead`(s) (e.g. a DDP-wrapped student).
+        epoch (`int`):
+            The current epoch.
+        freeze_last_layer_epochs (`int`):
+            The number of epochs during which the last layer is frozen.
+    """
     if epoch < freeze_last_layer_epochs:
         for param in last_layer_parameters(model):
             param.grad = None
@@ -91,11 +116,15 @@ def cancel_last_layer_gradients(model: nn.Module, epoch: int, freeze_last_layer_
 class MultiCropModel(nn.Module):
     """Backbone + head applied to a list of views, one backbone call per resolution group.
 
-    ``forward(views)`` takes a sequence of (B,C,H,W) tensors in view order (global views first,
-    then local ones; see `cdcl_hf.multicrop.stack_views`). Consecutive views of equal size are
-    concatenated and run through the backbone together (one call for all global crops, one for
-    all local crops), then the head runs once on all features. Returns view-major logits
-    ``(len(views) * B, out_dim)``; with ``return_features=True`` also the backbone features.
+    Consecutive views of equal size are concatenated and run through the backbone together (one
+    call for all global crops, one for all local crops), then the head runs once on all features.
+
+    Args:
+        backbone (`nn.Module`):
+            Called as `backbone(pixel_values=x)`; the features are
+            `cdcl_hf.embedding.pooled_embedding` of its output.
+        head (`nn.Module`):
+            The projection head (e.g. `DINOHead`).
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module):
@@ -104,15 +133,22 @@ class MultiCropModel(nn.Module):
         self.head = head
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        output = self.backbone(pixel_values=pixel_values)
-        if isinstance(output, torch.Tensor):
-            return output
-        pooled = getattr(output, "pooler_output", None)
-        if pooled is None:
-            raise TypeError("the backbone output has no pooler_output")
-        return pooled
+        return pooled_embedding(self.backbone(pixel_values=pixel_values))
 
     def forward(self, views: Sequence[torch.Tensor] | torch.Tensor, return_features: bool = False):
+        """Run the views through backbone and head.
+
+        Args:
+            views (`Sequence[torch.Tensor]` or `torch.Tensor`):
+                (B,C,H,W) tensors in view order (global views first, then local ones; see
+                `cdcl_hf.multicrop.stack_views`); a single tensor is one view.
+            return_features (`bool`, *optional*, defaults to `False`):
+                Whether to also return the backbone features.
+
+        Returns:
+            `torch.Tensor` of shape `(len(views) * B, out_dim)`: the view-major logits; with
+            `return_features=True`, the tuple `(logits, features)`.
+        """
         if isinstance(views, torch.Tensor):
             views = [views]
         if len(views) == 0:
@@ -132,10 +168,15 @@ class MultiCropModel(nn.Module):
 
 
 def make_teacher(student: nn.Module) -> nn.Module:
-    """A frozen copy of ``student`` (same weights) for EMA updates.
+    """A frozen copy of `student` (same weights) for EMA updates.
 
     Put in eval mode, which turns off dropout and drop-path: the authors use drop-path on the
-    student only. Keep it in eval mode (do not call ``.train()`` on it)."""
+    student only. Keep it in eval mode (do not call `.train()` on it).
+
+    Args:
+        student (`nn.Module`):
+            The model to copy.
+    """
     teacher = copy.deepcopy(student)
     for param in teacher.parameters():
         param.requires_grad_(False)

@@ -1,12 +1,13 @@
 """CDCL / DINO objectives as small composable modules.
 
 Tensor layout (as produced by `cdcl_hf.dino_head.MultiCropModel`): outputs are *view-major*,
-``(V * B, K)`` = view 0 for the whole batch, then view 1, ... Views are ordered
+`(V * B, K)` = view 0 for the whole batch, then view 1, ... Views are ordered
 [global from x, global from x', local crops...] with sources given by
-`cdcl_hf.multicrop.crop_sources`. The teacher sees the 2 global views only: ``(2 * B, K)``, and
-its per-row domain ids are ``cat([domain, partner_domain])``.
+`cdcl_hf.multicrop.crop_sources`. The teacher sees the 2 global views only: `(2 * B, K)`, and
+its per-row domain ids are `cat([domain, partner_domain])`.
 
 Pieces:
+
 - `PerDomainCenter` / `SingleCenter`: EMA centres subtracted from the teacher logits.
 - `DINOLoss`: cross-entropy between sharpened teacher and student distributions over
   (teacher global view, student view) pairs with different index.
@@ -27,6 +28,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .methods import get_method
+
 __all__ = [
     "PerDomainCenter",
     "SingleCenter",
@@ -34,7 +37,6 @@ __all__ = [
     "CrossCorrelationLoss",
     "CDCLObjective",
     "CDCLLossOutput",
-    "METHOD_DEFAULTS",
     "collapse_metrics",
     "teacher_domains_from_batch",
 ]
@@ -47,23 +49,19 @@ def _distributed() -> bool:
 class PerDomainCenter(nn.Module):
     """One EMA centre per domain for the teacher logits.
 
-    ``forward(teacher_out, domains)`` subtracts from each row the centre of its own domain.
-    ``update(teacher_out, domains)`` moves the centre of every domain present in the batch towards
-    the mean of that domain's rows: ``c_d <- m c_d + (1 - m) mean_d``; absent domains keep their
-    centre. Under torch.distributed the per-domain sums and counts are all-reduced first, so every
-    rank applies the same update and the centres stay identical across ranks.
+    `forward` subtracts from each row the centre of its own domain; `update` moves the centres towards the
+    batch means. The centre is a persistent buffer: it is in `state_dict` and checkpoints with the module.
 
-    ``domain_sizes`` (optional, items per domain in the dataset) switches on the research code's
-    frequency weighting: the step ``1 - m`` is scaled by (domain's share of the batch) / (its share
-    of the dataset), capped at 1, so a domain over-represented in one batch moves faster and a
-    rare one slower. Off by default (the notes' rule is the plain EMA).
-
-    The centre is a persistent buffer: it is in ``state_dict`` and checkpoints with the module.
+    Args:
+        num_domains (`int`):
+            Number of domains (one centre each), at least 1.
+        out_dim (`int`):
+            Dimension `K` of the teacher logits.
+        momentum (`float`, *optional*, defaults to 0.9):
+            EMA momentum `m` of the centres, in [0, 1].
     """
 
-    def __init__(
-        self, num_domains: int, out_dim: int, momentum: float = 0.9, domain_sizes: Sequence[int] | None = None
-    ):
+    def __init__(self, num_domains: int, out_dim: int, momentum: float = 0.9):
         super().__init__()
         if num_domains < 1:
             raise ValueError("num_domains must be >= 1")
@@ -71,13 +69,6 @@ class PerDomainCenter(nn.Module):
             raise ValueError("momentum must be in [0, 1]")
         self.num_domains, self.out_dim, self.momentum = int(num_domains), int(out_dim), float(momentum)
         self.register_buffer("center", torch.zeros(self.num_domains, self.out_dim))
-        if domain_sizes is not None:
-            sizes = torch.as_tensor(np.asarray(domain_sizes), dtype=torch.float32)
-            if sizes.shape != (self.num_domains,) or (sizes <= 0).any():
-                raise ValueError("domain_sizes needs one positive count per domain")
-            self.register_buffer("domain_share", sizes / sizes.sum())
-        else:
-            self.domain_share = None
 
     def _check(self, teacher_out: torch.Tensor, domains: torch.Tensor) -> torch.Tensor:
         if teacher_out.ndim != 2 or teacher_out.shape[1] != self.out_dim:
@@ -92,11 +83,34 @@ class PerDomainCenter(nn.Module):
         return domains
 
     def forward(self, teacher_out: torch.Tensor, domains: torch.Tensor) -> torch.Tensor:
+        """Subtract from each row the centre of its own domain.
+
+        Args:
+            teacher_out (`torch.Tensor` of shape `(N, out_dim)`):
+                The teacher logits.
+            domains (`torch.Tensor` of shape `(N,)`):
+                The domain id of each row, in `[0, num_domains)`.
+
+        Returns:
+            `torch.Tensor` of shape `(N, out_dim)`: the centred logits.
+        """
         domains = self._check(teacher_out, domains)
         return teacher_out - self.center[domains].to(teacher_out.dtype)
 
     @torch.no_grad()
     def update(self, teacher_out: torch.Tensor, domains: torch.Tensor) -> None:
+        """Move the centre of every domain present in the batch towards the mean of that domain's rows.
+
+        `c_d <- m c_d + (1 - m) mean_d`; absent domains keep their centre. Under torch.distributed the
+        per-domain sums and counts are all-reduced first, so every rank applies the same update and the
+        centres stay identical across ranks.
+
+        Args:
+            teacher_out (`torch.Tensor` of shape `(N, out_dim)`):
+                The (uncentred) teacher logits.
+            domains (`torch.Tensor` of shape `(N,)`):
+                The domain id of each row.
+        """
         domains = self._check(teacher_out, domains)
         teacher_out = teacher_out.detach().float()
         sums = torch.zeros(self.num_domains, self.out_dim, device=teacher_out.device)
@@ -110,15 +124,19 @@ class PerDomainCenter(nn.Module):
         present = counts > 0
         batch_mean = sums / counts.clamp_min(1.0)[:, None]
         step = torch.full_like(counts, 1.0 - self.momentum)
-        if self.domain_share is not None:
-            batch_share = counts / counts.sum().clamp_min(1.0)
-            step = (step * batch_share / self.domain_share.to(counts.device)).clamp(max=1.0)
         step = torch.where(present, step, torch.zeros_like(step))[:, None].to(self.center.device)
         self.center.mul_(1.0 - step).add_(step * batch_mean.to(self.center.device))
 
 
 class SingleCenter(PerDomainCenter):
-    """DINO's single centre: a `PerDomainCenter` with one domain; domain ids are not needed."""
+    """DINO's single centre: a `PerDomainCenter` with one domain; domain ids are not needed.
+
+    Args:
+        out_dim (`int`):
+            Dimension `K` of the teacher logits.
+        momentum (`float`, *optional*, defaults to 0.9):
+            EMA momentum of the centre.
+    """
 
     def __init__(self, out_dim: int, momentum: float = 0.9):
         super().__init__(1, out_dim, momentum)
@@ -137,9 +155,26 @@ class SingleCenter(PerDomainCenter):
 def view_pairs(
     num_student_views: int, view_sources: torch.Tensor | None, only_cross_domain: bool
 ) -> list[tuple[int, int]]:
-    """(teacher view, student view) index pairs used by the losses: teacher views 0 and 1, every
-    student view with a different index; with ``only_cross_domain`` also drop pairs whose two
-    views come from the same source image."""
+    """(teacher view, student view) index pairs used by the losses.
+
+    Teacher views 0 and 1 are paired with every student view of a different index; with
+    `only_cross_domain`, pairs whose two views come from the same source image are dropped too.
+
+    Args:
+        num_student_views (`int`):
+            The number `V` of student views.
+        view_sources (`torch.Tensor` of shape `(V,)` or `None`):
+            The source image of each view (see `cdcl_hf.multicrop.crop_sources`); required with
+            `only_cross_domain`.
+        only_cross_domain (`bool`):
+            Whether to drop pairs of views from the same source image.
+
+    Returns:
+        `list[tuple[int, int]]`: the (teacher view, student view) pairs.
+
+    Raises:
+        `ValueError`: if `view_sources` is missing or has the wrong length, or no pair is left.
+    """
     if only_cross_domain and view_sources is None:
         raise ValueError("only_cross_domain needs view_sources (see cdcl_hf.multicrop.crop_sources)")
     sources = view_sources.tolist() if view_sources is not None else None
@@ -157,12 +192,19 @@ def view_pairs(
 
 
 class DINOLoss(nn.Module):
-    """DINO cross-entropy ``-sum_k q_t log p_s`` averaged over the batch and over view pairs.
+    """DINO cross-entropy `-sum_k q_t log p_s` averaged over the batch and over view pairs.
 
-    ``q_t = softmax(centred teacher logits / teacher_temp)`` (no gradient) and
-    ``p_s = softmax(student logits / student_temp)``. ``teacher_temp`` is looked up per epoch in
-    ``teacher_temp_schedule`` (a float for a constant temperature; see
-    `cdcl_hf.schedules.teacher_temperature_schedule`; epochs past its end use the last value).
+    `q_t = softmax(centred teacher logits / teacher_temp)` (no gradient) and
+    `p_s = softmax(student logits / student_temp)`; the view pairs are those of `view_pairs`.
+
+    Args:
+        teacher_temp_schedule (`Sequence[float]` or `float`, *optional*, defaults to 0.07):
+            The teacher temperature per epoch (a float for a constant temperature; see
+            `cdcl_hf.schedules.teacher_temperature_schedule`); epochs past its end use the last value.
+        student_temp (`float`, *optional*, defaults to 0.1):
+            The student temperature.
+        only_cross_domain (`bool`, *optional*, defaults to `False`):
+            Whether to drop (teacher, student) pairs of views from the same source image.
     """
 
     def __init__(
@@ -192,6 +234,21 @@ class DINOLoss(nn.Module):
         epoch: int,
         view_sources: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Compute the loss.
+
+        Args:
+            student_out (`torch.Tensor` of shape `(V * B, K)`):
+                The view-major student logits.
+            centred_teacher_out (`torch.Tensor` of shape `(2 * B, K)`):
+                The centred teacher logits of the two global views.
+            epoch (`int`):
+                The current epoch; selects the teacher temperature.
+            view_sources (`torch.Tensor` of shape `(V,)`, *optional*):
+                The source image of each view; required with `only_cross_domain`.
+
+        Returns:
+            `torch.Tensor`: the scalar loss.
+        """
         batch = centred_teacher_out.shape[0] // 2
         if centred_teacher_out.shape[0] != 2 * batch or student_out.shape[0] % batch:
             raise ValueError(
@@ -218,16 +275,23 @@ def _batch_standardise(x: torch.Tensor, eps: float) -> torch.Tensor:
 class CrossCorrelationLoss(nn.Module):
     """Barlow-Twins-style cross-correlation term between teacher and student outputs.
 
-    ``C = BN(teacher)^T BN(student) / N`` (K x K). The loss is a convex combination of the mean
+    `C = BN(teacher)^T BN(student) / N` (K x K). The loss is a convex combination of the mean
     squared on-diagonal error and the mean squared off-diagonal correlation:
-    ``(1 - w) * mean_i (C_ii - 1)^2 + w * mean_{i != j} C_ij^2`` with ``w = off_diagonal_weight``
-    (0.95 in the authors' config). Note ``w`` weights *means*, not sums as in Barlow Twins'
-    lambda, so it does not depend on K. With ``normalize=True`` the value is divided by
-    ``(1 - w) + 0.01 w``, the research code's scale making a poorly-correlated start ~1 so that the
-    term is commensurate with the log(K)-normalised DINO term in the weighted sum.
+    `(1 - w) * mean_i (C_ii - 1)^2 + w * mean_{i != j} C_ij^2` with `w = off_diagonal_weight`.
+    Note `w` weights *means*, not sums as in Barlow Twins' lambda, so it does not depend on K.
 
-    With ``gather_distributed=True`` and torch.distributed initialised, rows are all-gathered
-    (autograd-aware) so the statistics use the global batch; otherwise each rank uses its own.
+    Args:
+        off_diagonal_weight (`float`, *optional*, defaults to 0.95):
+            The convex weight `w`, in [0, 1] (0.95 in the authors' config).
+        normalize (`bool`, *optional*, defaults to `True`):
+            Divide the value by `(1 - w) + 0.01 w`, the research code's scale making a poorly-correlated
+            start ~1 so that the term is commensurate with the log(K)-normalised DINO term in the
+            weighted sum.
+        eps (`float`, *optional*, defaults to 1e-5):
+            Added to the variance in the batch normalisation `BN`.
+        gather_distributed (`bool`, *optional*, defaults to `False`):
+            With torch.distributed initialised, all-gather the rows (autograd-aware) so the statistics
+            use the global batch; otherwise each rank uses its own.
     """
 
     def __init__(
@@ -268,6 +332,17 @@ class CrossCorrelationLoss(nn.Module):
         return _batch_standardise(teacher, self.eps).T @ _batch_standardise(student, self.eps) / n
 
     def forward(self, teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+        """Compute the loss; no gradient flows into `teacher`.
+
+        Args:
+            teacher (`torch.Tensor` of shape `(N, K)`):
+                The teacher outputs.
+            student (`torch.Tensor` of shape `(N, K)`):
+                The student outputs.
+
+        Returns:
+            `torch.Tensor`: the scalar loss.
+        """
         c = self.correlation(teacher.detach(), student)
         k = c.shape[0]
         diagonal = torch.diagonal(c)
@@ -279,12 +354,19 @@ class CrossCorrelationLoss(nn.Module):
 
 @torch.no_grad()
 def collapse_metrics(teacher_probs: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Collapse indicators from teacher probabilities (N, K), as detached 0-d tensors.
+    """Collapse indicators from teacher probabilities, as detached 0-d tensors.
 
-    - ``teacher_entropy``: mean per-row entropy; -> log K means collapse to the uniform output.
-    - ``teacher_kl_to_uniform``: KL(mean teacher distribution || uniform) = log K - H(mean);
-      large means the batch collapses onto a few dimensions.
-    - ``teacher_entropy_ratio``: teacher_entropy / log K in [0, 1].
+    Args:
+        teacher_probs (`torch.Tensor` of shape `(N, K)`):
+            The teacher probabilities.
+
+    Returns:
+        `dict[str, torch.Tensor]`: the indicators:
+
+        - `teacher_entropy`: mean per-row entropy; -> log K means collapse to the uniform output.
+        - `teacher_kl_to_uniform`: KL(mean teacher distribution || uniform) = log K - H(mean);
+          large means the batch collapses onto a few dimensions.
+        - `teacher_entropy_ratio`: `teacher_entropy / log K`, in [0, 1].
     """
     probs = teacher_probs.float()
     log_k = math.log(probs.shape[-1])
@@ -299,46 +381,74 @@ def collapse_metrics(teacher_probs: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def teacher_domains_from_batch(domain: torch.Tensor, partner_domain: torch.Tensor) -> torch.Tensor:
-    """Domain id of each teacher row (view-major: global 0 is from x, global 1 from x')."""
+    """Domain id of each teacher row (view-major: global 0 is from x, global 1 from x').
+
+    Args:
+        domain (`torch.Tensor` of shape `(B,)`):
+            The domain of each image x.
+        partner_domain (`torch.Tensor` of shape `(B,)`):
+            The domain of each partner x'.
+
+    Returns:
+        `torch.Tensor` of shape `(2 * B,)`: `cat([domain, partner_domain])` as int64.
+    """
     return torch.cat([domain.reshape(-1), partner_domain.reshape(-1)]).long()
-
-
-# Per-method defaults from the notes: DINO and DINO-CB differ only in the data (same-image vs
-# cross-domain pairs); CDCL adds per-domain centres and the cross-correlation term.
-METHOD_DEFAULTS: dict[str, dict[str, object]] = {
-    "dino": dict(
-        pairing_mode="same_image", per_domain_centering=False, dino_weight=1.0, cross_correlation_weight=0.0
-    ),
-    "dino-cb": dict(
-        pairing_mode="cross_domain", per_domain_centering=False, dino_weight=1.0, cross_correlation_weight=0.0
-    ),
-    "cdcl": dict(
-        pairing_mode="cross_domain",
-        per_domain_centering=True,
-        dino_weight=0.25,
-        cross_correlation_weight=0.75,
-    ),
-}
 
 
 @dataclass
 class CDCLLossOutput:
+    """What `CDCLObjective` returns.
+
+    Args:
+        loss (`torch.Tensor`):
+            The scalar to backpropagate.
+        logs (`dict[str, torch.Tensor]`):
+            Detached 0-d tensors (call `.item()` when logging).
+    """
+
     loss: torch.Tensor  # scalar to backpropagate
     logs: dict[str, torch.Tensor]  # detached 0-d tensors (call .item() when logging)
 
 
 class CDCLObjective(nn.Module):
-    """The training objective for ``method`` in {"dino", "dino-cb", "cdcl"}.
+    """The training objective for `method` in {"dino", "dino-cb", "cdcl"}.
 
-    ``loss = dino_weight * DINO / log(K) + cross_correlation_weight * CC`` (``normalize_terms``,
-    the research code's scaling that makes the 0.25 / 0.75 weights meaningful; with
-    ``normalize_terms=False`` the raw DINO cross-entropy and raw CC are weighted). Per-domain
+    `loss = dino_weight * DINO / log(K) + cross_correlation_weight * CC` (`normalize_terms`, the
+    research code's scaling that makes the 0.25 / 0.75 weights meaningful; with
+    `normalize_terms=False` the raw DINO cross-entropy and raw CC are weighted). Per-domain
     centring uses the teacher rows' own domains; the cross-correlation term compares the centred
     teacher logits with the student logits for the same (teacher, student) view pairs as DINO.
     The centres are updated after the loss (in training mode only).
 
-    ``forward(student_out (V*B,K), teacher_out (2B,K), epoch, teacher_domains (2B,) | None,
-    view_sources (V,) | None) -> CDCLLossOutput``.
+    Args:
+        method (`str`, *optional*, defaults to `"cdcl"`):
+            `"dino"`, `"dino-cb"` or `"cdcl"` (see `cdcl_hf.methods`); gives the defaults of the
+            arguments left `None`.
+        out_dim (`int`, *optional*, defaults to 4096):
+            The number `K` of head outputs.
+        num_domains (`int`, *optional*, defaults to 1):
+            The number of domains (centres) for per-domain centring.
+        teacher_temp_schedule (`Sequence[float]` or `float`, *optional*, defaults to 0.07):
+            See `DINOLoss`.
+        student_temp (`float`, *optional*, defaults to 0.1):
+            See `DINOLoss`.
+        dino_weight (`float`, *optional*):
+            Weight of the DINO term; the method's when `None`.
+        cross_correlation_weight (`float`, *optional*):
+            Weight of the cross-correlation term; the method's when `None`.
+        off_diagonal_weight (`float`, *optional*, defaults to 0.95):
+            See `CrossCorrelationLoss`.
+        center_momentum (`float`, *optional*, defaults to 0.9):
+            EMA momentum of the centres.
+        only_cross_domain (`bool`, *optional*, defaults to `False`):
+            See `DINOLoss`; needs a method with cross-domain pairs.
+        per_domain_centering (`bool`, *optional*):
+            One centre per domain (`PerDomainCenter`) instead of DINO's `SingleCenter`; the method's
+            when `None`.
+        normalize_terms (`bool`, *optional*, defaults to `True`):
+            Scale the terms as above (also `CrossCorrelationLoss`'s `normalize`).
+        gather_distributed (`bool`, *optional*, defaults to `False`):
+            See `CrossCorrelationLoss`.
     """
 
     def __init__(
@@ -355,24 +465,19 @@ class CDCLObjective(nn.Module):
         only_cross_domain: bool = False,
         per_domain_centering: bool | None = None,
         normalize_terms: bool = True,
-        domain_sizes: Sequence[int] | None = None,
         gather_distributed: bool = False,
     ):
         super().__init__()
-        if method not in METHOD_DEFAULTS:
-            raise ValueError(f"unknown method {method!r}; choose from {sorted(METHOD_DEFAULTS)}")
-        defaults = METHOD_DEFAULTS[method]
-        if only_cross_domain and defaults["pairing_mode"] == "same_image":
+        training_method = get_method(method)
+        if only_cross_domain and not training_method.cross_domain_pairs:
             raise ValueError(
-                "only_cross_domain needs cross-domain pairs; method 'dino' uses one image per item"
+                f"only_cross_domain needs cross-domain pairs; method {training_method.name!r} uses one image per item"
             )
-        self.method = method
+        self.method = training_method.name
         self.out_dim = int(out_dim)
-        self.dino_weight = float(defaults["dino_weight"] if dino_weight is None else dino_weight)
+        self.dino_weight = float(training_method.dino_weight if dino_weight is None else dino_weight)
         self.cross_correlation_weight = float(
-            defaults["cross_correlation_weight"]
-            if cross_correlation_weight is None
-            else cross_correlation_weight
+            training_method.cross_correlation_weight if cross_correlation_weight is None else cross_correlation_weight
         )
         if (
             self.dino_weight < 0
@@ -381,11 +486,11 @@ class CDCLObjective(nn.Module):
         ):
             raise ValueError("loss weights must be >= 0 and not both zero")
         per_domain = bool(
-            defaults["per_domain_centering"] if per_domain_centering is None else per_domain_centering
+            training_method.per_domain_centering if per_domain_centering is None else per_domain_centering
         )
         self.per_domain_centering = per_domain
         self.center = (
-            PerDomainCenter(num_domains, out_dim, center_momentum, domain_sizes)
+            PerDomainCenter(num_domains, out_dim, center_momentum)
             if per_domain
             else SingleCenter(out_dim, center_momentum)
         )
@@ -397,7 +502,7 @@ class CDCLObjective(nn.Module):
 
     @property
     def pairing_mode(self) -> str:
-        return str(METHOD_DEFAULTS[self.method]["pairing_mode"])
+        return get_method(self.method).pairing_mode
 
     def forward(
         self,
@@ -407,6 +512,24 @@ class CDCLObjective(nn.Module):
         teacher_domains: torch.Tensor | None = None,
         view_sources: torch.Tensor | None = None,
     ) -> CDCLLossOutput:
+        """Compute the loss and its logs, then update the centres in training mode.
+
+        Args:
+            student_out (`torch.Tensor` of shape `(V * B, K)`):
+                The view-major student logits.
+            teacher_out (`torch.Tensor` of shape `(2 * B, K)`):
+                The teacher logits of the two global views (uncentred).
+            epoch (`int`):
+                The current epoch; selects the teacher temperature.
+            teacher_domains (`torch.Tensor` of shape `(2 * B,)`, *optional*):
+                The domain of each teacher row (see `teacher_domains_from_batch`); required with
+                per-domain centring.
+            view_sources (`torch.Tensor` of shape `(V,)`, *optional*):
+                The source image of each view; required with `only_cross_domain`.
+
+        Returns:
+            `CDCLLossOutput`: the loss and its logs.
+        """
         if self.per_domain_centering and teacher_domains is None:
             raise ValueError("per-domain centring needs teacher_domains (see teacher_domains_from_batch)")
         teacher_out = teacher_out.detach()

@@ -1,14 +1,14 @@
 """Profiling metrics: do embeddings capture biology (MoA, treatment identity) rather than batch?
 
 Every metric takes an embedding matrix (rows = profiles) and the matching metadata, and returns a
-:class:`MetricResult` with the value, the number ``n`` of units it was computed over, and whether
+`MetricResult` with the value, the number `n` of units it was computed over, and whether
 it is *defined* at all. A metric that cannot be computed on the given data (one batch for NSCB, one
-label for a silhouette, ...) comes back with ``defined=False``, ``value=None`` and a ``reason``;
+label for a silhouette, ...) comes back with `defined=False`, `value=None` and a `reason`;
 it is never reported as 0. Malformed input (NaN or infinite embeddings, missing metadata columns,
-a treatment without MoA, mismatched lengths) raises ``ValueError`` with a message naming the problem.
+a treatment without MoA, mismatched lengths) raises `ValueError` with a message naming the problem.
 
 Only numpy, pandas, scipy and scikit-learn are used here; mean average precision delegates to
-``copairs`` (the JUMP Cell Painting consortium's reference implementation).
+`copairs` (the JUMP Cell Painting consortium's reference implementation).
 """
 
 from __future__ import annotations
@@ -48,10 +48,22 @@ __all__ = [
 class MetricResult:
     """One metric's outcome.
 
-    ``value`` is ``None`` exactly when ``defined`` is False; ``reason`` then says why.
-    ``n`` is the number of units the value averages over (queries, profiles, groups...), with the
-    unit spelled out in ``unit``. ``details`` holds secondary numbers (chance level, per-group
-    scores, counts of skipped queries) that help read the main value.
+    Args:
+        name (`str`):
+            The metric's name.
+        value (`float` or `None`):
+            The value; `None` exactly when `defined` is False.
+        n (`int`):
+            The number of units the value averages over (queries, profiles, groups...).
+        defined (`bool`):
+            Whether the metric could be computed on the given data.
+        unit (`str`, *optional*, defaults to `""`):
+            The unit of `n`, spelled out.
+        reason (`str`, *optional*):
+            Why the metric is not defined.
+        details (`dict[str, Any]`, *optional*):
+            Secondary numbers (chance level, per-group scores, counts of skipped queries) that help
+            read the main value.
     """
 
     name: str
@@ -128,7 +140,18 @@ def as_label_set(value: Any) -> frozenset:
     """A profile's set of batches (or plates): one string, or a list/tuple/array of strings.
 
     Treatment-level profiles pool wells from several batches, so their batch entry is a collection
-    (see ``profiling.aggregate_profiles(..., collect=...)``); well-level profiles have one string.
+    (see `cdcl_hf.profiling.aggregate_profiles(..., collect=...)`); well-level profiles have one
+    string.
+
+    Args:
+        value (`str` or collection of `str`):
+            The batch entry of one profile.
+
+    Returns:
+        `frozenset`: the profile's batches.
+
+    Raises:
+        `ValueError`: if the value is missing or empty.
     """
     if isinstance(value, (str, bytes)) or np.isscalar(value):
         if pd.isna(value):
@@ -159,20 +182,35 @@ def nsc_nscb_accuracy(
     (compound x concentration), negative controls already removed. For each query treatment,
     the candidates are all other treatments
 
-    * NSC: whose compound differs from the query's compound;
-    * NSCB: whose compound differs *and* none of whose batches is a batch the query was imaged in
-      (the batch entry of a treatment may be a collection of batches, see :func:`as_label_set`).
+    - NSC: whose compound differs from the query's compound;
+    - NSCB: whose compound differs *and* none of whose batches is a batch the query was imaged in
+      (the batch entry of a treatment may be a collection of batches, see `as_label_set`).
 
     The prediction is the MoA of the candidate with the highest cosine similarity; the accuracy is
     the fraction of queries whose prediction equals their own MoA. A query whose MoA has no
-    candidate left under the rule is skipped (it cannot be answered correctly), so ``n`` is the
+    candidate left under the rule is skipped (it cannot be answered correctly), so `n` is the
     number of queries scored. Exact cosine ties are broken by the candidate's row order.
 
-    NSCB is *not defined* (``defined=False``) when there is a single batch, or when no query keeps
+    NSCB is *not defined* (`defined=False`) when there is a single batch, or when no query keeps
     a candidate of its MoA; it is never reported as 0 in that case.
 
-    ``missing_moa``: "error" (default) raises on treatments without MoA; "drop" removes them first
-    (their count is reported in ``details["n_dropped_without_moa"]``).
+    Args:
+        embeddings (array-like of shape `(n_profiles, n_features)`):
+            The profiles, one per row.
+        metadata (`pd.DataFrame`):
+            One row per profile.
+        moa_column (`str`, *optional*, defaults to `"Metadata_moa"`):
+            The MoA column.
+        compound_column (`str`, *optional*, defaults to `"Metadata_compound"`):
+            The compound column.
+        batch_column (`str`, *optional*, defaults to `"Metadata_batch"`):
+            The batch column; `None` leaves NSCB not defined.
+        missing_moa (`str`, *optional*, defaults to `"error"`):
+            `"error"` raises on treatments without MoA; `"drop"` removes them first (their count is
+            reported in `details["n_dropped_without_moa"]`).
+
+    Returns:
+        `dict[str, MetricResult]`: the results under `"nsc"` and `"nscb"`.
     """
     _check_columns(metadata, [moa_column, compound_column, batch_column])
     matrix = _check_embeddings(embeddings, len(metadata))
@@ -258,14 +296,27 @@ def knn_identification(
 
     Definition (the CDCL authors' RxRx1 test, following DINO's k-NN classifier). Queries are the
     profiles of the held-out domains; the reference set is every profile of the *other* domains.
-    For a query, take its ``k`` nearest references by cosine similarity ``s``; each votes for its
-    label with weight ``exp(s / temperature)``; the prediction is the label with the largest
-    summed weight. Accuracy = fraction of queries predicted correctly; ``n`` = number of queries.
+    For a query, take its `k` nearest references by cosine similarity `s`; each votes for its
+    label with weight `exp(s / temperature)`; the prediction is the label with the largest
+    summed weight. Accuracy = fraction of queries predicted correctly; `n` = number of queries.
 
-    With ``test_domains=None`` every domain is held out in turn (leave-one-domain-out) and the
-    accuracy pools all queries. Queries whose label never occurs in the reference set still count
-    (as errors, since they cannot be identified); their number is in ``details``.
-    Not defined with fewer than two domains.
+    Queries whose label never occurs in the reference set still count (as errors, since they cannot
+    be identified); their number is in `details`. Not defined with fewer than two domains.
+
+    Args:
+        embeddings (array-like of shape `(n_profiles, n_features)`):
+            The profiles, one per row.
+        labels (array-like of length `n_profiles`):
+            The label of each profile.
+        domains (array-like of length `n_profiles`):
+            The domain of each profile.
+        test_domains (`Sequence`, *optional*):
+            The held-out domains. With `None` every domain is held out in turn
+            (leave-one-domain-out) and the accuracy pools all queries.
+        k (`int`, *optional*, defaults to 10):
+            The number of neighbours.
+        temperature (`float`, *optional*, defaults to 0.1):
+            The temperature of the vote weights.
     """
     matrix = _check_embeddings(embeddings)
     labels = _check_labels(labels, matrix.shape[0], "labels")
@@ -395,15 +446,33 @@ def replicate_retrieval_map(
     Input: one profile per replicate (well, or image). Each non-control profile is a query; its
     positives are the other profiles of the same treatment; its negatives are
 
-    * ``negatives="controls"`` (default; JUMP "phenotypic activity"): the negative-control profiles;
-    * ``negatives="others"``: every profile of another treatment (controls included if present).
+    - `negatives="controls"` (default; JUMP "phenotypic activity"): the negative-control profiles;
+    - `negatives="others"`: every profile of another treatment (controls included if present).
 
     All candidates are ranked by cosine similarity to the query; the query's average precision is
     the mean, over its positives, of the precision at that positive's rank. mAP of a treatment =
-    mean AP over its replicates; the reported value = mean mAP over treatments, ``n`` = number of
-    treatments scored (those with at least two replicates). ``details["fraction_retrieved"]`` is
+    mean AP over its replicates; the reported value = mean mAP over treatments, `n` = number of
+    treatments scored (those with at least two replicates). `details["fraction_retrieved"]` is
     the fraction of treatments whose mAP beats copairs' permutation null at the given
     Benjamini-Hochberg FDR.
+
+    Args:
+        embeddings (array-like of shape `(n_profiles, n_features)`):
+            The profiles, one per row.
+        metadata (`pd.DataFrame`):
+            One row per profile.
+        treatment_column (`str`, *optional*, defaults to `"Metadata_treatment"`):
+            The treatment column.
+        control_column (`str`, *optional*, defaults to `"Metadata_is_control"`):
+            The boolean column marking negative controls; `None` when there are none.
+        negatives (`str`, *optional*, defaults to `"controls"`):
+            `"controls"` or `"others"`, see above.
+        null_size (`int`, *optional*, defaults to 10000):
+            The size of copairs' permutation null.
+        fdr_threshold (`float`, *optional*, defaults to 0.05):
+            The Benjamini-Hochberg FDR of `fraction_retrieved`.
+        seed (`int`, *optional*, defaults to 0):
+            The seed of the permutation null.
     """
     _check_columns(metadata, [treatment_column, control_column])
     matrix = _check_embeddings(embeddings, len(metadata))
@@ -445,8 +514,26 @@ def moa_retrieval_map(
     Input: one profile per treatment, controls removed. Each profile is a query; positives are
     profiles of the same MoA *and a different compound* (so a compound's own doses do not count,
     as in NSC); negatives are profiles of a different MoA. Ranking by cosine similarity, AP as in
-    :func:`replicate_retrieval_map`; mAP of an MoA = mean AP over its treatments; reported value =
-    mean over MoAs, ``n`` = number of MoAs scored (those with a second compound).
+    `replicate_retrieval_map`; mAP of an MoA = mean AP over its treatments; reported value =
+    mean over MoAs, `n` = number of MoAs scored (those with a second compound).
+
+    Args:
+        embeddings (array-like of shape `(n_profiles, n_features)`):
+            The profiles, one per row.
+        metadata (`pd.DataFrame`):
+            One row per profile.
+        moa_column (`str`, *optional*, defaults to `"Metadata_moa"`):
+            The MoA column.
+        compound_column (`str`, *optional*, defaults to `"Metadata_compound"`):
+            The compound column.
+        null_size (`int`, *optional*, defaults to 10000):
+            As in `replicate_retrieval_map`.
+        fdr_threshold (`float`, *optional*, defaults to 0.05):
+            As in `replicate_retrieval_map`.
+        seed (`int`, *optional*, defaults to 0):
+            As in `replicate_retrieval_map`.
+        missing_moa (`str`, *optional*, defaults to `"error"`):
+            `"error"` raises on profiles without MoA; `"drop"` removes them first.
     """
     _check_columns(metadata, [moa_column, compound_column])
     matrix = _check_embeddings(embeddings, len(metadata))
@@ -476,12 +563,24 @@ def batch_classification_accuracy(
     """Cross-validated accuracy of predicting the batch (or plate) from the embedding.
 
     Definition: a standardised multinomial logistic regression, scored by stratified
-    ``n_splits``-fold cross-validation (scikit-learn); value = mean held-out accuracy, ``n`` =
+    `n_splits`-fold cross-validation (scikit-learn); value = mean held-out accuracy, `n` =
     number of profiles scored. Lower is better (less batch information); compare with
-    ``details["chance"]``, the majority-class fraction. A batch with a single profile cannot be
-    both trained on and tested, so it is left out (``details["n_dropped_singleton_profiles"]``);
+    `details["chance"]`, the majority-class fraction. A batch with a single profile cannot be
+    both trained on and tested, so it is left out (`details["n_dropped_singleton_profiles"]`);
     the number of folds is reduced to the size of the smallest remaining batch. Not defined with
     fewer than two batches of at least two profiles.
+
+    Args:
+        embeddings (array-like of shape `(n_profiles, n_features)`):
+            The profiles, one per row.
+        batches (array-like of length `n_profiles`):
+            The batch (or plate) of each profile.
+        n_splits (`int`, *optional*, defaults to 5):
+            The number of cross-validation folds.
+        seed (`int`, *optional*, defaults to 0):
+            The seed of the fold split.
+        name (`str`, *optional*, defaults to `"batch_classification"`):
+            The name of the result.
     """
     matrix = _check_embeddings(embeddings)
     batches = _check_labels(batches, matrix.shape[0], "batches").astype(str)
@@ -505,11 +604,19 @@ def batch_classification_accuracy(
 
 
 def silhouette(embeddings: Any, labels: Any, name: str = "silhouette") -> MetricResult:
-    """Mean silhouette coefficient (cosine distance) of the profiles grouped by ``labels``.
+    """Mean silhouette coefficient (cosine distance) of the profiles grouped by `labels`.
 
-    Definition: scikit-learn's ``silhouette_score`` (mean over profiles of (b - a) / max(a, b)).
+    Definition: scikit-learn's `silhouette_score` (mean over profiles of (b - a) / max(a, b)).
     By MoA, higher is better; by batch, values near 0 or below mean batches are mixed.
-    ``n`` = number of profiles. Not defined unless 2 <= number of labels <= n - 1.
+    `n` = number of profiles. Not defined unless 2 <= number of labels <= n - 1.
+
+    Args:
+        embeddings (array-like of shape `(n_profiles, n_features)`):
+            The profiles, one per row.
+        labels (array-like of length `n_profiles`):
+            The group (e.g. MoA or batch) of each profile.
+        name (`str`, *optional*, defaults to `"silhouette"`):
+            The name of the result.
     """
     matrix = _check_embeddings(embeddings)
     labels = _check_labels(labels, matrix.shape[0], "labels").astype(str)
@@ -528,13 +635,23 @@ def kbet_acceptance_rate(
 ) -> MetricResult:
     """kBET-style batch-mixing score (Büttner et al. 2019): the acceptance rate.
 
-    Definition: for each profile, take its ``k`` nearest neighbours (cosine, the profile itself
+    Definition: for each profile, take its `k` nearest neighbours (cosine, the profile itself
     included, as in kBET) and test with Pearson's chi-square whether their batch counts follow the
     batches' global frequencies. The acceptance rate is the fraction of profiles whose test is
-    *not* rejected at level ``alpha``; 1 = batches well mixed, 0 = every neighbourhood is
-    batch-specific. ``n`` = number of profiles tested. Default ``k``: a quarter of the mean batch
-    size, at least 10, at most n. Unlike kBET we test every profile (no subsampling) and report
-    no bootstrap. Not defined with one batch.
+    *not* rejected at level `alpha`; 1 = batches well mixed, 0 = every neighbourhood is
+    batch-specific. `n` = number of profiles tested. Unlike kBET we test every profile (no
+    subsampling) and report no bootstrap. Not defined with one batch.
+
+    Args:
+        embeddings (array-like of shape `(n_profiles, n_features)`):
+            The profiles, one per row.
+        batches (array-like of length `n_profiles`):
+            The batch of each profile.
+        k (`int`, *optional*):
+            The neighbourhood size; by default a quarter of the mean batch size, at least 10, at
+            most n.
+        alpha (`float`, *optional*, defaults to 0.05):
+            The level of the test.
     """
     matrix = _check_embeddings(embeddings)
     batches = _check_labels(batches, matrix.shape[0], "batches").astype(str)
@@ -586,15 +703,45 @@ def evaluate_profiles(
 ) -> dict[str, MetricResult]:
     """Every metric of this module on one replicate-level profile table (images or wells).
 
-    ``profiles``: ``Metadata_*`` columns + numeric features (see :mod:`cdcl_hf.profiling`).
     Computed on the replicate rows: replicate mAP (negatives = controls when there are any),
     kNN treatment identification across batches (leave-one-batch-out, controls excluded), batch
     and plate classification accuracy, silhouette by batch (all rows) and by MoA (treated rows),
     kBET acceptance by batch. Computed at treatment level (treated rows aggregated per treatment
-    with ``aggregate``, the treatment's batches collected): NSC, NSCB and MoA mAP.
+    with `aggregate`, the treatment's batches collected): NSC, NSCB and MoA mAP.
 
-    MoA handling: with no MoA annotation at all (or ``moa_column=None``) the MoA metrics are
-    returned as not defined; a partial annotation raises unless ``missing_moa="drop"``.
+    MoA handling: with no MoA annotation at all (or `moa_column=None`) the MoA metrics are
+    returned as not defined; a partial annotation raises unless `missing_moa="drop"`.
+
+    Args:
+        profiles (`pd.DataFrame`):
+            `Metadata_*` columns + numeric features (see `cdcl_hf.profiling`).
+        treatment_column (`str`, *optional*, defaults to `"Metadata_treatment"`):
+            The treatment column.
+        compound_column (`str`, *optional*, defaults to `"Metadata_compound"`):
+            The compound column.
+        moa_column (`str`, *optional*, defaults to `"Metadata_moa"`):
+            The MoA column.
+        batch_column (`str`, *optional*, defaults to `"Metadata_batch"`):
+            The batch column.
+        plate_column (`str`, *optional*, defaults to `"Metadata_plate"`):
+            The plate column; `None` skips plate classification.
+        control_column (`str`, *optional*, defaults to `"Metadata_is_control"`):
+            The boolean column marking negative controls.
+        aggregate (`str`, *optional*, defaults to `"median"`):
+            How treated rows are aggregated per treatment (`cdcl_hf.profiling.aggregate_profiles`).
+        knn_k (`int`, *optional*, defaults to 10):
+            `k` of `knn_identification`.
+        knn_temperature (`float`, *optional*, defaults to 0.1):
+            `temperature` of `knn_identification`.
+        null_size (`int`, *optional*, defaults to 10000):
+            The size of the permutation null of the mAP metrics.
+        missing_moa (`str`, *optional*, defaults to `"error"`):
+            See above.
+        seed (`int`, *optional*, defaults to 0):
+            The seed of the mAP nulls and the classification folds.
+
+    Returns:
+        `dict[str, MetricResult]`: the results, keyed by metric name.
     """
     from .profiling import aggregate_profiles, split_profiles
 

@@ -1,7 +1,7 @@
 """Multi-crop views for C-channel microscopy images, on torch tensors only (no torchvision).
 
-CDCL takes two global crops, the first from the image ``x`` and the second from its partner
-``x'``, and splits the local crops between them (the first half from ``x``). Fluorescence
+CDCL takes two global crops, the first from the image `x` and the second from its partner
+`x'`, and splits the local crops between them (the first half from `x`). Fluorescence
 channels are not colours, so instead of colour jitter each crop gets a per-channel random gain
 N(1, sigma) and offset N(0, sigma) (applied after per-plate normalisation, so sigma is in units of
 the plate's standard deviation). Flips and 90-degree rotations are exact symmetries of a field of
@@ -11,64 +11,29 @@ view. All randomness comes from one `torch.Generator`, so a crop set is reproduc
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .image_processing_cdcl import standardize_per_image
-from .screen_data import decode_image
-
-__all__ = [
-    "MultiCropAugmentation",
-    "crop_sources",
-    "PlateNormalizer",
-    "ScreenImageLoader",
-    "per_image_normalizer",
-    "sample_crop_box",
-    "stack_views",
-    "PRESETS",
-]
-
-# Named recipes from the notes; `MultiCropAugmentation.from_preset(name, **overrides)`.
-PRESETS: dict[str, dict[str, Any]] = {
-    # Authors' RxRx1 recipe: images resized to 256, 2x224 at 0.9-1.1, 6x112 at 0.3-0.5,
-    # flips, rot90, gain/offset N(1,0.1)/N(0,0.1), no blur or noise.
-    "cdcl": dict(
-        resize_to=256,
-        global_size=224,
-        global_scale=(0.9, 1.1),
-        local_size=112,
-        local_scale=(0.3, 0.5),
-        num_local_crops=6,
-        gain_std=0.1,
-        offset_std=0.1,
-        blur_prob=0.0,
-        noise_std=0.0,
-    ),
-    # DINO ViT-S/16 default geometry (colour jitter replaced by the channel gain/offset).
-    "dino": dict(
-        resize_to=None,
-        global_size=224,
-        global_scale=(0.4, 1.0),
-        local_size=96,
-        local_scale=(0.05, 0.4),
-        num_local_crops=8,
-        gain_std=0.1,
-        offset_std=0.1,
-        blur_prob=0.0,
-        noise_std=0.0,
-    ),
-}
-
+__all__ = ["MultiCropAugmentation", "crop_sources", "sample_crop_box", "stack_views"]
 
 def crop_sources(num_local_crops: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """Which image each view comes from, in view order [global0, global1, local0, ...]:
-    0 = ``x``, 1 = ``x'``. Global 0 is from x, global 1 from x'; the first ceil(N/2) local crops
-    are from x and the rest from x'. The losses use this for ``only_cross_domain``."""
+    """Which image each view comes from, in view order [global0, global1, local0, ...].
+
+    0 = `x`, 1 = `x'`. Global 0 is from x, global 1 from x'; the first ceil(N/2) local crops
+    are from x and the rest from x'. The losses use this for `only_cross_domain`.
+
+    Args:
+        num_local_crops (`int`):
+            The number N of local crops.
+        device (`torch.device` or `str`, *optional*):
+            The device of the result.
+
+    Returns:
+        `torch.Tensor` of shape `(2 + N,)`: the int64 source of each view.
+    """
     num_from_x = num_local_crops - num_local_crops // 2
     local = [0] * num_from_x + [1] * (num_local_crops - num_from_x)
     return torch.tensor([0, 1, *local], dtype=torch.long, device=device)
@@ -86,9 +51,28 @@ def sample_crop_box(
     generator: torch.Generator,
     attempts: int = 10,
 ) -> tuple[int, int, int, int]:
-    """(top, left, h, w) of a random crop covering ``scale`` of the image area with aspect ``ratio``
-    (log-uniform). Scales above 1 (the authors' 0.9-1.1) make boxes larger than the image; after a
-    few attempts to fit one, the box is clipped to the image so a crop always exists."""
+    """A random crop box covering `scale` of the image area with aspect `ratio` (log-uniform).
+
+    Scales above 1 (the authors' 0.9-1.1) make boxes larger than the image; after a few attempts to
+    fit one, the box is clipped to the image so a crop always exists.
+
+    Args:
+        height (`int`):
+            The image height.
+        width (`int`):
+            The image width.
+        scale (`tuple[float, float]`):
+            The range of the box area, as a fraction of the image area.
+        ratio (`tuple[float, float]`):
+            The range of the box's aspect ratio.
+        generator (`torch.Generator`):
+            The random source.
+        attempts (`int`, *optional*, defaults to 10):
+            How many boxes to draw before clipping.
+
+    Returns:
+        `tuple[int, int, int, int]`: `(top, left, h, w)`.
+    """
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     h = w = 0
@@ -125,15 +109,44 @@ def _gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
 class MultiCropAugmentation:
     """2 global + N local crops from an image and its partner.
 
-    Call as ``aug(image, partner=None, generator=None)`` with (C,H,W) float tensors (``partner``
-    defaults to ``image``: the plain DINO case). Returns
-    ``{"global_crops": (2,C,G,G), "local_crops": (N,C,L,L)}``; view order and sources follow
-    `crop_sources`. With a DataLoader the batch holds (B,2,C,G,G) and (B,N,C,L,L).
+    Calling it (see `__call__`) returns `{"global_crops": (2,C,G,G), "local_crops": (N,C,L,L)}`;
+    view order and sources follow `crop_sources`. With a DataLoader the batch holds (B,2,C,G,G) and
+    (B,N,C,L,L).
 
-    Per crop: random resized crop (area ``*_scale`` of the image, aspect ``ratio``), bilinear
+    Per crop: random resized crop (area `*_scale` of the image, aspect `ratio`), bilinear
     resize with antialiasing, horizontal / vertical flips, a random multiple of 90 degrees,
     per-channel gain N(1, gain_std) and offset N(0, offset_std), then optionally Gaussian blur
-    (probability ``blur_prob``, sigma uniform in ``blur_sigma``) and additive Gaussian noise.
+    (probability `blur_prob`, sigma uniform in `blur_sigma`) and additive Gaussian noise.
+
+    Args:
+        global_size (`int`, *optional*, defaults to 224):
+            The side G of the global crops.
+        global_scale (`tuple[float, float]`, *optional*, defaults to `(0.9, 1.1)`):
+            The area range of the global crops, relative to the image.
+        local_size (`int`, *optional*, defaults to 112):
+            The side L of the local crops.
+        local_scale (`tuple[float, float]`, *optional*, defaults to `(0.3, 0.5)`):
+            The area range of the local crops, relative to the image.
+        num_local_crops (`int`, *optional*, defaults to 6):
+            The number N of local crops.
+        ratio (`tuple[float, float]`, *optional*, defaults to `(3 / 4, 4 / 3)`):
+            The aspect-ratio range of the crop boxes.
+        resize_to (`int`, *optional*):
+            Resize each source image (shorter side) to this size first, as the authors' 256.
+        flip_prob (`float`, *optional*, defaults to 0.5):
+            The flip probability, per axis.
+        rotate90 (`bool`, *optional*, defaults to `True`):
+            Whether to rotate by a random multiple of 90 degrees.
+        gain_std (`float`, *optional*, defaults to 0.1):
+            The std of the per-channel gain.
+        offset_std (`float`, *optional*, defaults to 0.1):
+            The std of the per-channel offset.
+        blur_prob (`float`, *optional*, defaults to 0.0):
+            The probability of the Gaussian blur.
+        blur_sigma (`tuple[float, float]`, *optional*, defaults to `(0.1, 2.0)`):
+            The range of the blur's sigma.
+        noise_std (`float`, *optional*, defaults to 0.0):
+            The std of the additive Gaussian noise.
     """
 
     global_size: int = 224
@@ -158,12 +171,6 @@ class MultiCropAugmentation:
                 raise ValueError(f"{name} must satisfy 0 < low <= high, got {(low, high)}")
         if self.num_local_crops < 0:
             raise ValueError("num_local_crops must be >= 0")
-
-    @classmethod
-    def from_preset(cls, name: str = "cdcl", **overrides: Any) -> MultiCropAugmentation:
-        if name not in PRESETS:
-            raise KeyError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
 
     @property
     def num_views(self) -> int:
@@ -217,6 +224,19 @@ class MultiCropAugmentation:
         partner: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
+        """Crop an image and its partner.
+
+        Args:
+            image (`torch.Tensor` of shape `(C, H, W)`):
+                The image `x`.
+            partner (`torch.Tensor` of shape `(C, H, W)`, *optional*):
+                The partner `x'`; defaults to `image` (the plain DINO case).
+            generator (`torch.Generator`, *optional*):
+                The random source; a randomly seeded one when `None`.
+
+        Returns:
+            `dict[str, torch.Tensor]`: `{"global_crops": (2,C,G,G), "local_crops": (N,C,L,L)}`.
+        """
         if generator is None:
             generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
         x = self._prepare(image)
@@ -235,65 +255,6 @@ class MultiCropAugmentation:
         else:
             local_crops = x.new_zeros((0, x.shape[0], self.local_size, self.local_size))
         return {"global_crops": global_crops, "local_crops": local_crops}
-
-
-class PlateNormalizer:
-    """Per-plate, per-channel intensity normalisation: ``(image - mean[plate]) / std[plate]``.
-
-    ``stats`` maps plate -> an object with ``.mean`` and ``.std`` (e.g.
-    `cdcl_hf.screen_data.PlateStatistics`) or a ``(mean, std)`` pair; arrays of length C.
-    Applied before augmentation so the gain/offset noise is in units of the plate's spread.
-    """
-
-    def __init__(self, stats: Mapping[str, Any], eps: float = 1e-6):
-        self.eps = eps
-        self._stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for plate, value in stats.items():
-            # PlateStatistics-like objects carry .mean/.std arrays; anything else is a (mean, std) pair.
-            is_pair = isinstance(value, (tuple, list, np.ndarray))
-            mean, std = value if is_pair else (value.mean, value.std)
-            mean_t = torch.as_tensor(np.asarray(mean, dtype=np.float32)).view(-1, 1, 1)
-            std_t = torch.as_tensor(np.asarray(std, dtype=np.float32)).view(-1, 1, 1)
-            if mean_t.shape != std_t.shape:
-                raise ValueError(f"plate {plate!r}: mean and std have different lengths")
-            self._stats[str(plate)] = (mean_t, std_t.clamp_min(eps))
-
-    def __call__(self, image: torch.Tensor, plate: str) -> torch.Tensor:
-        try:
-            mean, std = self._stats[str(plate)]
-        except KeyError:
-            raise KeyError(f"no statistics for plate {plate!r} ({len(self._stats)} plates known)") from None
-        if image.shape[0] != mean.shape[0]:
-            raise ValueError(
-                f"image has {image.shape[0]} channels, plate {plate!r} statistics have {mean.shape[0]}"
-            )
-        return (image.float() - mean) / std
-
-
-def per_image_normalizer(image: torch.Tensor, plate: str | None = None) -> torch.Tensor:
-    """Per-image, per-channel standardisation, for screens trained without plate statistics; the rule of
-    `CDCLImageProcessor(normalization="per_image")`, so that inference sees what training saw."""
-    return standardize_per_image(image.float())
-
-
-class ScreenImageLoader:
-    """Row of the screen schema -> normalised float (C,H,W) tensor (the ``image_loader`` for
-    `cdcl_hf.pairing.CrossDomainPairDataset`). ``normalizer(image, plate)`` is a `PlateNormalizer`,
-    `per_image_normalizer`, or None for raw intensities."""
-
-    def __init__(
-        self,
-        normalizer: Callable[[torch.Tensor, str], torch.Tensor] | None = None,
-        image_column: str = "image",
-        plate_column: str = "plate",
-    ):
-        self.normalizer, self.image_column, self.plate_column = normalizer, image_column, plate_column
-
-    def __call__(self, row: Mapping[str, Any]) -> torch.Tensor:
-        image = torch.from_numpy(decode_image(row[self.image_column]).astype(np.float32))
-        if self.normalizer is not None:
-            image = self.normalizer(image, row[self.plate_column])
-        return image
 
 
 def stack_views(batch: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:

@@ -7,9 +7,11 @@ metadata table for every item, which is O(N) per item. Here a `PartnerIndex` is 
 independent of the dataset size.
 
 Index layout: all item positions are sorted by (label code, domain code, position). Then
-- the items of one label form one contiguous block ``order[label_start:label_stop]``;
+
+- the items of one label form one contiguous block `order[label_start:label_stop]`;
 - inside it, the items of one (label, domain) group form a contiguous sub-block.
-A uniform draw from "same label, other domain" is a uniform integer ``r`` over the label block
+
+A uniform draw from "same label, other domain" is a uniform integer `r` over the label block
 length minus the own group's length, shifted past the own group when it lands on or after it.
 
 Labels that exist in one domain only have no cross-domain partner. What happens to their items is
@@ -77,8 +79,11 @@ class SingleDomainLabelError(ValueError):
 
 
 def _factorize(values: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """Integer codes 0..K-1 and the matching unique values; missing values are an error because a
-    missing label or domain silently forming its own group would produce wrong pairs."""
+    """Integer codes 0..K-1 and the matching unique values.
+
+    Missing values are an error because a missing label or domain silently forming its own group
+    would produce wrong pairs.
+    """
     series = pd.Series(np.asarray(values, dtype=object) if not isinstance(values, pd.Series) else values)
     codes, uniques = pd.factorize(series, sort=True)
     missing = int((codes < 0).sum())
@@ -91,17 +96,29 @@ class PartnerIndex:
     """Label/domain index giving O(1) uniform partner draws.
 
     Args:
-        labels: one label per item (any hashable values; e.g. the ``treatment`` column).
-        domains: one domain per item (e.g. ``plate`` or ``batch``).
-        policy: a `SingleDomainPolicy` (or its string value) for labels found in one domain only.
+        labels (`Sequence[Any]`):
+            One label per item (any hashable values; e.g. the `treatment` column).
+        domains (`Sequence[Any]`):
+            One domain per item (e.g. `plate` or `batch`).
+        policy (`SingleDomainPolicy` or `str`, *optional*, defaults to `"same_domain"`):
+            What to do with labels found in one domain only.
 
     Attributes:
-        num_items, num_labels, num_domains: sizes.
-        label_codes, domain_codes: int64 arrays of length ``num_items``.
-        label_names, domain_names: the values behind the codes (``domain_names[domain_codes[i]]``).
-        item_case: int8 array, the `PairCase` of each item under the policy.
-        eligible: int64 array of the item positions used for training (all but dropped ones).
-        counts: dict of case counts and label statistics for logging.
+        num_items, num_labels, num_domains (`int`):
+            Sizes.
+        label_codes, domain_codes (`np.ndarray`):
+            int64 arrays of length `num_items`.
+        label_names, domain_names (`np.ndarray`):
+            The values behind the codes (`domain_names[domain_codes[i]]`).
+        item_case (`np.ndarray`):
+            int8 array, the `PairCase` of each item under the policy.
+        eligible (`np.ndarray`):
+            int64 array of the item positions used for training (all but dropped ones).
+        counts (`dict[str, int]`):
+            Case counts and label statistics for logging.
+
+    Raises:
+        `SingleDomainLabelError`: under the "error" policy when some label occurs in one domain only.
     """
 
     def __init__(
@@ -201,7 +218,18 @@ class PartnerIndex:
         domain_column: str = "plate",
         policy: SingleDomainPolicy | str = "same_domain",
     ) -> PartnerIndex:
-        """Build from a pandas DataFrame or a `datasets.Dataset` (columns read via Arrow, no images)."""
+        """Build from a pandas DataFrame or a `datasets.Dataset` (columns read via Arrow, no images).
+
+        Args:
+            table (`pd.DataFrame` or `datasets.Dataset`):
+                The metadata table, one row per item.
+            label_column (`str`, *optional*, defaults to `"treatment"`):
+                The column holding the labels.
+            domain_column (`str`, *optional*, defaults to `"plate"`):
+                The column holding the domains.
+            policy (`SingleDomainPolicy` or `str`, *optional*, defaults to `"same_domain"`):
+                See `PartnerIndex`.
+        """
         if isinstance(table, pd.DataFrame):
             frame = table
         elif hasattr(table, "select_columns") and hasattr(table, "to_pandas"):
@@ -217,9 +245,19 @@ class PartnerIndex:
         return self.num_items
 
     def sample_partner(self, item: int, rng: random.Random | np.random.Generator) -> tuple[int, PairCase]:
-        """Draw a partner for ``item`` under the index's policy; O(1).
+        """Draw a partner for `item` under the index's policy; O(1).
 
-        Returns ``(partner_position, case)``. Raises for items dropped by the policy.
+        Args:
+            item (`int`):
+                The item position.
+            rng (`random.Random` or `np.random.Generator`):
+                The random source.
+
+        Returns:
+            `tuple[int, PairCase]`: `(partner_position, case)`.
+
+        Raises:
+            `IndexError`: for items dropped by the policy.
         """
         case = PairCase(int(self.item_case[item]))
         if case is PairCase.DROPPED:
@@ -283,7 +321,7 @@ def _uniform_int(rng: random.Random | np.random.Generator, n: int) -> int:
 
 
 def _default_image_loader(row: Any) -> torch.Tensor:
-    """A (C,H,W) float tensor from a row: a tensor/array itself, or a dict with an ``image`` entry."""
+    """A (C,H,W) float tensor from a row: a tensor/array itself, or a dict with an `image` entry."""
     value = row["image"] if isinstance(row, Mapping) else row
     if isinstance(value, torch.Tensor):
         return value.float()
@@ -293,11 +331,19 @@ def _default_image_loader(row: Any) -> torch.Tensor:
 
 
 class EpochIndexSampler(torch.utils.data.Sampler):
-    """Yields ``(epoch, index)`` tuples so the epoch reaches `CrossDomainPairDataset` even in
-    persistent DataLoader workers (where ``dataset.set_epoch`` in the main process is not seen).
+    """Yields `(epoch, index)` so the epoch reaches `CrossDomainPairDataset` even in persistent workers.
 
-    The order is a permutation seeded by ``(seed, epoch)`` (or sequential with ``shuffle=False``);
-    ``set_epoch`` must be called before each epoch, as with `DistributedSampler`.
+    Persistent DataLoader workers do not see `dataset.set_epoch` called in the main process. The order
+    is a permutation seeded by `(seed, epoch)` (or sequential with `shuffle=False`); `set_epoch` must
+    be called before each epoch, as with `DistributedSampler`.
+
+    Args:
+        num_items (`int`):
+            The dataset length.
+        seed (`int`, *optional*, defaults to 0):
+            The base seed of the permutations.
+        shuffle (`bool`, *optional*, defaults to `True`):
+            Whether to permute the order each epoch.
     """
 
     def __init__(self, num_items: int, seed: int = 0, shuffle: bool = True):
@@ -320,21 +366,27 @@ class EpochIndexSampler(torch.utils.data.Sampler):
 class CrossDomainPairDataset(Dataset):
     """Map-style dataset yielding (image, partner image) pairs, deterministic per (seed, epoch, idx).
 
-    Args:
-        base_dataset: anything indexable by item position (a `datasets.Dataset`, a list of tensors...).
-        index: the `PartnerIndex` of ``base_dataset`` (same item order).
-        transform: called as ``transform(image, partner, generator=torch.Generator)`` and returns a
-            dict of tensors (e.g. `cdcl_hf.multicrop.MultiCropAugmentation`); ``None`` returns the raw
-            ``image`` / ``partner_image`` tensors instead.
-        mode: "cross_domain" (partner from `index`) or "same_image" (plain DINO: partner = image).
-        seed: base seed; together with epoch and idx it fixes the partner and all augmentations.
-        image_loader: maps ``base_dataset[i]`` to a float (C,H,W) tensor (e.g. decoding and per-plate
-            normalisation, `cdcl_hf.multicrop.ScreenImageLoader`).
+    Item `idx` runs over `index.eligible` (items dropped by the policy are skipped), and may be
+    an int (uses `self.epoch`, set by `set_epoch`) or an `(epoch, idx)` tuple from
+    `EpochIndexSampler`. Each item is a dict with the transform's tensors plus `domain`,
+    `partner_domain`, `index`, `partner_index` and `pair_case` (a `PairCase` code).
 
-    Item ``idx`` runs over ``index.eligible`` (items dropped by the policy are skipped), and may be
-    an int (uses ``self.epoch``, set by `set_epoch`) or an ``(epoch, idx)`` tuple from
-    `EpochIndexSampler`. Each item is a dict with the transform's tensors plus ``domain``,
-    ``partner_domain``, ``index``, ``partner_index`` and ``pair_case`` (a `PairCase` code).
+    Args:
+        base_dataset (`Any`):
+            Anything indexable by item position (a `datasets.Dataset`, a list of tensors...).
+        index (`PartnerIndex`):
+            The index of `base_dataset` (same item order).
+        transform (`Callable`, *optional*):
+            Called as `transform(image, partner, generator=torch.Generator)` and returns a dict of
+            tensors (e.g. `cdcl_hf.multicrop.MultiCropAugmentation`); `None` returns the raw `image` /
+            `partner_image` tensors instead.
+        mode (`PairingMode` or `str`, *optional*, defaults to `"cross_domain"`):
+            `"cross_domain"` (partner from `index`) or `"same_image"` (plain DINO: partner = image).
+        seed (`int`, *optional*, defaults to 0):
+            The base seed; together with epoch and idx it fixes the partner and all augmentations.
+        image_loader (`Callable[[Any], torch.Tensor]`, *optional*):
+            Maps `base_dataset[i]` to a float (C,H,W) tensor (e.g. decoding and per-plate
+            normalisation: training uses `cdcl_hf.normalization.PlateNormalization.load_normalized`).
     """
 
     def __init__(
@@ -367,7 +419,7 @@ class CrossDomainPairDataset(Dataset):
         return len(self.items)
 
     def pair_for(self, idx: int, epoch: int | None = None) -> tuple[int, int, PairCase]:
-        """(item, partner, case) for dataset position ``idx`` at ``epoch``; no image is loaded."""
+        """(item, partner, case) for dataset position `idx` at `epoch`; no image is loaded."""
         epoch = self.epoch if epoch is None else int(epoch)
         item = int(self.items[idx])
         if self.mode is PairingMode.SAME_IMAGE:
@@ -415,12 +467,15 @@ class _Slot:
 
 
 class _PartnerPool:
-    """Fixed-capacity pool of recent rows with uniform draws by (label, other domain / same domain)
-    that never scan the pool.
+    """Fixed-capacity pool of recent rows with uniform draws by (label, other / same domain).
 
-    Per label: per-domain lists of slot ids with O(1) swap-removal. A draw from "label L, not
-    domain d" walks the label's domain lists (at most min(#domains, capacity) of them), which is
-    bounded by the pool size, never by the (unbounded) stream length.
+    Draws never scan the pool. Per label: per-domain lists of slot ids with O(1) swap-removal. A
+    draw from "label L, not domain d" walks the label's domain lists (at most min(#domains, capacity)
+    of them), which is bounded by the pool size, never by the (unbounded) stream length.
+
+    Args:
+        capacity (`int`):
+            The maximum number of rows held.
     """
 
     def __init__(self, capacity: int):
@@ -454,8 +509,11 @@ class _PartnerPool:
         self.free.append(slot)
 
     def draw(self, slot: int, rng: random.Random, other_domain: bool) -> int | None:
-        """A uniform pool slot with the label of ``slot`` and a different domain (``other_domain``)
-        or the same domain excluding ``slot`` itself; None when there is none."""
+        """A uniform pool slot with the label of `slot`, or `None` when there is none.
+
+        With `other_domain` the slot's domain differs from that of `slot`; otherwise it is the same
+        domain, excluding `slot` itself.
+        """
         entry = self.slots[slot]
         assert entry is not None
         domains = self.buckets[entry.label]
@@ -489,18 +547,39 @@ def _swap_remove(items: list[int], positions: dict[int, int], value: int) -> Non
 class CrossDomainPairIterableDataset(IterableDataset):
     """Streaming version: rows are shuffled through a buffer and partners come from recent rows.
 
-    Rows enter a shuffle buffer of ``buffer_size``; when it is full a uniformly chosen row is
+    Rows enter a shuffle buffer of `buffer_size`; when it is full a uniformly chosen row is
     emitted. Its partner is drawn uniformly from the *partner pool* — the rows still in the
-    shuffle buffer plus the last ``buffer_size`` emitted rows — among those with the same label
+    shuffle buffer plus the last `buffer_size` emitted rows — among those with the same label
     and another domain (so rows at the end of the stream still find partners). If there is none,
-    the policy applies *within the pool*: "same_domain" takes a pooled same-label row from the
-    same domain (else the row itself), "self" pairs the row with itself, "drop" skips the row.
-    "error" is refused because a missing partner in a pool says nothing about the whole dataset.
-    ``pair_case`` is yielded with each item and `counts` tallies cases (per process / worker).
+    the policy applies *within the pool*. `pair_case` is yielded with each item and `counts`
+    tallies cases (per process / worker). Deterministic given (seed, epoch, worker id) and the
+    upstream order.
 
-    Deterministic given (seed, epoch, worker id) and the upstream order. Domain ids index the
-    per-domain centres, so pass ``domain_to_id`` (e.g. from the dataset's plate list) for ids that
-    are stable across workers and runs; otherwise ids follow first appearance.
+    Args:
+        base_iterable (`Iterable[Mapping[str, Any]]`):
+            The rows, as mappings holding the label and domain columns; `set_epoch` is forwarded to it
+            when it has one.
+        label_column (`str`, *optional*, defaults to `"treatment"`):
+            The column holding the labels.
+        domain_column (`str`, *optional*, defaults to `"plate"`):
+            The column holding the domains.
+        transform (`Callable`, *optional*):
+            As in `CrossDomainPairDataset`.
+        mode (`PairingMode` or `str`, *optional*, defaults to `"cross_domain"`):
+            As in `CrossDomainPairDataset`.
+        seed (`int`, *optional*, defaults to 0):
+            The base seed of the shuffling, partners and augmentations.
+        buffer_size (`int`, *optional*, defaults to 1000):
+            The size of the shuffle buffer.
+        policy (`SingleDomainPolicy` or `str`, *optional*, defaults to `"same_domain"`):
+            Applied within the pool: "same_domain" takes a pooled same-label row from the same domain
+            (else the row itself), "self" pairs the row with itself, "drop" skips the row. "error" is
+            refused because a missing partner in a pool says nothing about the whole dataset.
+        domain_to_id (`Mapping[Any, int]`, *optional*):
+            Domain ids index the per-domain centres, so pass this (e.g. from the dataset's plate list)
+            for ids that are stable across workers and runs; otherwise ids follow first appearance.
+        image_loader (`Callable[[Any], torch.Tensor]`, *optional*):
+            As in `CrossDomainPairDataset`.
     """
 
     def __init__(
@@ -622,7 +701,7 @@ PAIR_CASE_NAMES = {int(case): case.name.lower() for case in PairCase}
 
 
 def count_pair_cases(pair_case: torch.Tensor | np.ndarray | Sequence[int]) -> dict[str, int]:
-    """Counts of each `PairCase` in a batch's ``pair_case`` column, keyed by name (for logging)."""
+    """Counts of each `PairCase` in a batch's `pair_case` column, keyed by name (for logging)."""
     values = np.asarray(pair_case.cpu() if isinstance(pair_case, torch.Tensor) else pair_case, dtype=np.int64)
     counts = np.bincount(values, minlength=len(PairCase))
     return {PAIR_CASE_NAMES[i]: int(c) for i, c in enumerate(counts)}

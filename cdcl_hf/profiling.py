@@ -17,6 +17,8 @@ import numpy as np
 import pandas as pd
 from sklearn.decomposition import PCA
 
+from .normalization import PlateNormalization
+
 logger = logging.getLogger(__name__)
 
 METADATA_PREFIX = "Metadata_"
@@ -27,12 +29,6 @@ NON_METADATA_DATASET_COLUMNS = ("image", "channel_names")
 PLATE_COLUMN = "plate"
 
 AGGREGATION_METHODS = ("mean", "median")
-# Where the per-plate intensity statistics for a "per_channel" processor come from; "none" keeps the
-# processor's saved mean/std (the average training plate).
-PLATE_NORMALIZATION_SOURCES = ("controls", "all", "none")
-# Lower bound on a plate's channel std, the one training's PlateNormalizer applies (its default eps),
-# so that a constant channel is normalised the same way at training and at evaluation.
-PLATE_STD_FLOOR = 1e-6
 CORRECTION_METHODS = ("none", "zscore", "mad", "tvn", "sphering")
 # Scale factor that makes the median absolute deviation a consistent estimator of the standard
 # deviation for normally distributed data (as pycytominer's "mad_robustize" uses).
@@ -42,7 +38,6 @@ __all__ = [
     "METADATA_PREFIX",
     "AGGREGATION_METHODS",
     "CORRECTION_METHODS",
-    "PLATE_NORMALIZATION_SOURCES",
     "metadata_name",
     "feature_columns",
     "metadata_columns",
@@ -54,7 +49,6 @@ __all__ = [
     "load_feature_extractor",
     "model_num_channels",
     "check_channel_count",
-    "extraction_plate_statistics",
     "extract_embeddings",
     "tile_offsets",
 ]
@@ -306,30 +300,6 @@ def check_channel_count(model: Any, processor: Any, num_channels: int) -> None:
         )
 
 
-def extraction_plate_statistics(
-    processor: Any, dataset: Any, source: str = "controls"
-) -> dict[str, Any] | None:
-    """The per-plate statistics :func:`extract_embeddings` should normalise with, or ``None``.
-
-    A checkpoint trained with per-plate normalisation saves a ``CDCLImageProcessor`` with
-    ``normalization="per_channel"`` whose mean/std are the *average* plate's; training itself
-    normalised every image by its own plate. To reproduce that, the statistics of each plate of
-    ``dataset`` are computed (``cdcl_hf.screen_data.plate_statistics``, cached) from its control
-    images (``source="controls"``, the training default) or all its images (``"all"``). ``None``
-    (use the processor as saved) for ``source="none"`` and for processors that normalise each image
-    on their own (``per_image``, no processor, non-CDCL processors).
-    """
-    if source not in PLATE_NORMALIZATION_SOURCES:
-        raise ValueError(
-            f"plate normalisation source must be one of {PLATE_NORMALIZATION_SOURCES}, got {source!r}"
-        )
-    if source == "none" or getattr(processor, "normalization", None) != "per_channel":
-        return None
-    from .screen_data import plate_statistics
-
-    return plate_statistics(dataset, source=source)
-
-
 def tile_offsets(length: int, tile: int, stride: int) -> list[int]:
     """Start offsets of tiles of size ``tile`` every ``stride`` pixels, the last one flush with the edge."""
     if tile > length:
@@ -361,29 +331,21 @@ def _default_processor(model: Any, num_channels: int) -> Any:
 
 
 def _pixel_values(
-    processor: Any, tiles: list[np.ndarray], plates: list[str] | None, statistics: Mapping[str, Any] | None
+    processor: Any, tiles: list[np.ndarray], plates: list[str] | None, normalization: PlateNormalization | None
 ) -> Any:
-    """The processor's ``pixel_values`` for ``tiles``; with ``statistics``, one processor call per plate
-    with that plate's mean/std, so each tile is normalised by its own plate whatever the batch mixes."""
+    """The processor's ``pixel_values`` for ``tiles``; with a per-plate ``normalization``, one processor call per
+    plate with that plate's mean/std, so each tile is normalised by its own plate whatever the batch mixes."""
     import torch
 
-    if statistics is None:
+    if normalization is None:
         return processor(tiles, return_tensors="pt")["pixel_values"]
     by_plate: dict[str, list[int]] = {}
     for index, plate in enumerate(plates):
         by_plate.setdefault(plate, []).append(index)
     rows: list[Any] = [None] * len(tiles)
     for plate, indices in by_plate.items():
-        if plate not in statistics:
-            raise ValueError(
-                f"no intensity statistics for plate {plate!r} ({len(statistics)} plates known); "
-                "compute them on the dataset being embedded"
-            )
-        stats = statistics[plate]
         values = processor(
-            [tiles[i] for i in indices], return_tensors="pt",
-            image_mean=np.asarray(stats.mean, dtype=np.float64).tolist(),
-            image_std=np.maximum(np.asarray(stats.std, dtype=np.float64), PLATE_STD_FLOOR).tolist(),
+            [tiles[i] for i in indices], return_tensors="pt", **normalization.processor_call_kwargs(plate)
         )["pixel_values"]
         for index, row in zip(indices, values, strict=True):
             rows[index] = row
@@ -391,11 +353,9 @@ def _pixel_values(
 
 
 def _embed(model: Any, pixel_values: Any) -> np.ndarray:
-    output = model(pixel_values=pixel_values)
-    pooled = getattr(output, "pooler_output", None)
-    if pooled is None:  # models without a pooler: the first (CLS) token
-        pooled = output.last_hidden_state[:, 0]
-    return pooled.reshape(pooled.shape[0], -1).float().cpu().numpy()
+    from .embedding import pooled_embedding
+
+    return pooled_embedding(model(pixel_values=pixel_values)).float().cpu().numpy()
 
 
 def extract_embeddings(
@@ -407,7 +367,7 @@ def extract_embeddings(
     tile_size: int | None = None,
     tile_stride: int | None = None,
     progress: bool = True,
-    plate_statistics: Mapping[str, Any] | None = None,
+    normalization: PlateNormalization | None = None,
 ) -> pd.DataFrame:
     """Embed every image of a screen dataset; one row per image, metadata as ``Metadata_*`` columns.
 
@@ -416,9 +376,9 @@ def extract_embeddings(
     (schema: docs/dataset-schema.md). With ``tile_size`` each image is cut into ``tile_size`` squares every
     ``tile_stride`` pixels (default: non-overlapping, the last tile flush with the edge); the image's
     embedding is the mean of its tiles' embeddings (multi-crop averaging for large fields).
-    ``plate_statistics``: ``{plate: PlateStatistics}`` (see :func:`extraction_plate_statistics`);
-    each image is then processed with its plate's ``image_mean`` / ``image_std``, as training
-    normalised it. Runs on ``device`` (default: CUDA when available), in inference mode, with a tqdm
+    ``normalization``: a per-plate `cdcl_hf.normalization.PlateNormalization` (see
+    `PlateNormalization.for_processor`); each image is then processed with its plate's ``image_mean`` /
+    ``image_std``, as training normalised it. Runs on ``device`` (default: CUDA when available), in inference mode, with a tqdm
     progress bar (a streamed dataset has no length, so the bar only counts).
     Raises ``ValueError`` when the images' channel count differs from the model's.
     """
@@ -443,17 +403,17 @@ def extract_embeddings(
             tiles_per_image = [_tiles(image, tile_size, tile_stride) for image in images]
             flat_tiles = [tile for tiles in tiles_per_image for tile in tiles]
             tile_plates = None
-            if plate_statistics is not None:
+            if normalization is not None:
                 if PLATE_COLUMN not in batch:
                     raise ValueError(
-                        f"plate_statistics needs the dataset's {PLATE_COLUMN!r} column; it has {list(batch)}"
+                        f"per-plate normalisation needs the dataset's {PLATE_COLUMN!r} column; it has {list(batch)}"
                     )
                 tile_plates = [
                     str(plate)
                     for plate, tiles in zip(batch[PLATE_COLUMN], tiles_per_image, strict=True)
                     for _ in tiles
                 ]
-            pixel_values = _pixel_values(processor, flat_tiles, tile_plates, plate_statistics).to(device)
+            pixel_values = _pixel_values(processor, flat_tiles, tile_plates, normalization).to(device)
             tile_embeddings = _embed(model, pixel_values)
             start = 0
             for tiles in tiles_per_image:

@@ -17,7 +17,6 @@ __all__ = [
     "param_groups_for_adamw",
     "apply_optimizer_schedules",
     "update_teacher_ema",
-    "transformers_lr_scheduler",
 ]
 
 
@@ -29,12 +28,29 @@ def cosine_schedule(
     warmup_epochs: float = 0,
     start_warmup_value: float = 0.0,
 ) -> np.ndarray:
-    """Per-step values: linear warm-up from ``start_warmup_value`` to ``base_value`` over
-    ``warmup_epochs``, then half a cosine from ``base_value`` to ``final_value``.
+    """Per-step values: a linear warm-up, then half a cosine.
 
-    Used for the learning rate (7e-4 -> 1e-5, 10 warm-up epochs), weight decay (4e-3 -> 1e-2,
-    no warm-up) and teacher momentum (0.995 -> 0.9996). Length ``epochs * steps_per_epoch``;
-    the last step equals ``final_value``.
+    Linear warm-up from `start_warmup_value` to `base_value` over `warmup_epochs`, then half a
+    cosine from `base_value` to `final_value`. Used for the learning rate (7e-4 -> 1e-5, 10 warm-up
+    epochs), weight decay (4e-3 -> 1e-2, no warm-up) and teacher momentum (0.995 -> 0.9996).
+
+    Args:
+        base_value (`float`):
+            The value the warm-up leads to and the cosine starts from.
+        final_value (`float`):
+            The value of the last step.
+        epochs (`int`):
+            The number of epochs.
+        steps_per_epoch (`int`):
+            The number of steps per epoch.
+        warmup_epochs (`float`, *optional*, defaults to 0):
+            The length of the warm-up, in epochs.
+        start_warmup_value (`float`, *optional*, defaults to 0.0):
+            The first value of the warm-up.
+
+    Returns:
+        `np.ndarray` of length `epochs * steps_per_epoch`: the values; the last step equals
+        `final_value`.
     """
     if epochs <= 0 or steps_per_epoch <= 0:
         raise ValueError("epochs and steps_per_epoch must be positive")
@@ -55,9 +71,25 @@ def cosine_schedule(
 def teacher_temperature_schedule(
     epochs: int, warmup_teacher_temp: float = 0.04, teacher_temp: float = 0.07, warmup_epochs: int = 30
 ) -> np.ndarray:
-    """Per-epoch teacher temperature: linear from ``warmup_teacher_temp`` to ``teacher_temp`` over
-    ``warmup_epochs`` (inclusive at the end), then constant. A low early temperature sharpens the
-    teacher while its outputs are still nearly uniform. Warm-up is capped at ``epochs``."""
+    """Per-epoch teacher temperature: a linear warm-up, then constant.
+
+    Linear from `warmup_teacher_temp` to `teacher_temp` over `warmup_epochs` (inclusive at the end),
+    then constant. A low early temperature sharpens the teacher while its outputs are still nearly
+    uniform.
+
+    Args:
+        epochs (`int`):
+            The number of epochs.
+        warmup_teacher_temp (`float`, *optional*, defaults to 0.04):
+            The temperature the warm-up starts from.
+        teacher_temp (`float`, *optional*, defaults to 0.07):
+            The temperature after the warm-up.
+        warmup_epochs (`int`, *optional*, defaults to 30):
+            The length of the warm-up, capped at `epochs`.
+
+    Returns:
+        `np.ndarray` of length `epochs`: the temperatures.
+    """
     if epochs <= 0:
         raise ValueError("epochs must be positive")
     warmup_epochs = min(int(warmup_epochs), epochs)
@@ -73,9 +105,20 @@ def _is_excluded_from_decay(name: str, param: torch.Tensor) -> bool:
 
 
 def param_groups_for_adamw(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW parameter groups: decayed weights, and non-decayed biases / norms / 1-D params /
-    weight-norm magnitudes. Frozen parameters are left out. Each group carries
-    ``apply_weight_decay`` so `apply_optimizer_schedules` knows which one follows the wd schedule.
+    """Two AdamW parameter groups: decayed weights, and non-decayed parameters.
+
+    Biases, norms, 1-D params and weight-norm magnitudes are not decayed; frozen parameters are left
+    out. Each group carries `apply_weight_decay` so `apply_optimizer_schedules` knows which one
+    follows the wd schedule.
+
+    Args:
+        model (`nn.Module`):
+            The model whose parameters are grouped.
+        weight_decay (`float`):
+            The weight decay of the decayed group.
+
+    Returns:
+        `list[dict]`: the non-empty groups.
     """
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -95,9 +138,21 @@ def apply_optimizer_schedules(
     lr_schedule: np.ndarray | None = None,
     wd_schedule: np.ndarray | None = None,
 ) -> None:
-    """Set every group's lr to ``lr_schedule[step]`` and the decayed groups' weight decay to
-    ``wd_schedule[step]`` (steps past the end use the last value). Call before
-    ``optimizer.step()``."""
+    """Set the learning rate and weight decay of the parameter groups for one step.
+
+    Every group's lr becomes `lr_schedule[step]` and the decayed groups' weight decay
+    `wd_schedule[step]` (steps past the end use the last value). Call before `optimizer.step()`.
+
+    Args:
+        optimizer (`torch.optim.Optimizer`):
+            The optimizer (e.g. over the groups of `param_groups_for_adamw`).
+        step (`int`):
+            The global step.
+        lr_schedule (`np.ndarray`, *optional*):
+            Per-step learning rates; `None` leaves the lr as it is.
+        wd_schedule (`np.ndarray`, *optional*):
+            Per-step weight decay; `None` leaves the weight decay as it is.
+    """
     for group in optimizer.param_groups:
         if lr_schedule is not None:
             group["lr"] = float(lr_schedule[min(step, len(lr_schedule) - 1)])
@@ -107,9 +162,22 @@ def apply_optimizer_schedules(
 
 @torch.no_grad()
 def update_teacher_ema(student: nn.Module, teacher: nn.Module, momentum: float) -> None:
-    """``teacher = momentum * teacher + (1 - momentum) * student`` for all parameters, matched by
-    name (pass the unwrapped student, e.g. ``accelerator.unwrap_model(student)``). Uses fused
-    ``torch._foreach`` ops: one kernel launch per op for all tensors."""
+    """EMA update of the teacher: `teacher = momentum * teacher + (1 - momentum) * student`.
+
+    Applies to all parameters, matched by name. Uses fused `torch._foreach` ops: one kernel launch
+    per op for all tensors.
+
+    Args:
+        student (`nn.Module`):
+            The unwrapped student (e.g. `accelerator.unwrap_model(student)`).
+        teacher (`nn.Module`):
+            The teacher, updated in place.
+        momentum (`float`):
+            The EMA momentum.
+
+    Raises:
+        `ValueError`: if the parameter names of student and teacher differ.
+    """
     student_params = dict(student.named_parameters())
     teacher_named = list(teacher.named_parameters())
     if student_params.keys() != {name for name, _ in teacher_named}:
@@ -119,19 +187,3 @@ def update_teacher_ema(student: nn.Module, teacher: nn.Module, momentum: float) 
     student_tensors = [student_params[name].detach().to(p.dtype) for name, p in teacher_named]
     torch._foreach_mul_(teacher_tensors, momentum)
     torch._foreach_add_(teacher_tensors, student_tensors, alpha=1.0 - momentum)
-
-
-def transformers_lr_scheduler(
-    optimizer: torch.optim.Optimizer,
-    num_warmup_steps: int,
-    num_training_steps: int,
-    min_lr: float,
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Warm-up + cosine-to-``min_lr`` (the `cosine_schedule` curve up to its last-step convention) as a
-    transformers LR scheduler, for loops that prefer ``scheduler.step()`` (and accelerate's
-    checkpointing of it). Weight decay and momentum still come from `cosine_schedule` arrays."""
-    from transformers import get_cosine_with_min_lr_schedule_with_warmup
-
-    return get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer, num_warmup_steps=num_warmup_steps, num_training_steps=num_training_steps, min_lr=min_lr
-    )

@@ -32,6 +32,17 @@ import numpy as np
 import pandas as pd
 from PIL import Image as PILImage
 
+# Image decoding and the pixel errors live in image_io, which cannot import this module; they are
+# re-exported here because the package, its tests and users import them from screen_data.
+from .image_io import (  # noqa: F401
+    SUPPORTED_DTYPES,
+    ImageReadError,
+    ImageShapeError,
+    MissingImageError,
+    ScreenDataError,
+    decode_image,
+)
+
 logger = logging.getLogger(__name__)
 
 IMAGE_COLUMN = "image"
@@ -55,32 +66,15 @@ DERIVABLE_COLUMNS: tuple[str, ...] = ("treatment", "moa")
 # A missing value is allowed only in these columns (moa is unknown for many screens).
 NULLABLE_COLUMNS: tuple[str, ...] = ("moa",)
 
-SUPPORTED_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
 PNG_COMPRESS_LEVEL = 3  # zlib level: lossless either way; 3 is ~3x faster than 6 at ~3% bigger files
-
-
-class ScreenDataError(ValueError):
-    """Bad screen data (metadata or pixels); the message names the row, file and/or column."""
 
 
 class MissingColumnError(ScreenDataError):
     """A required metadata column is absent."""
 
 
-class ImageReadError(ScreenDataError):
-    """An image file exists but cannot be decoded (corrupt, truncated, unsupported)."""
-
-
-class ImageShapeError(ScreenDataError):
-    """An image's channel count, size or dtype differs from the rest of the screen."""
-
-
 class DuplicateRowError(ScreenDataError):
     """Two metadata rows name the same image(s)."""
-
-
-class MissingImageError(ScreenDataError, FileNotFoundError):
-    """A file named in the metadata table does not exist."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,64 +309,6 @@ def encode_image(array: np.ndarray, where: str = "image") -> list[dict[str, Any]
     """A (C, H, W) uint8/uint16 array as the value of the ``image`` column."""
     array = check_pixel_array(array, where)
     return [encode_channel(plane) for plane in array]
-
-
-def _plane_from_value(value: Any) -> np.ndarray:
-    if isinstance(value, PILImage.Image):
-        plane = np.asarray(value)
-    elif isinstance(value, Mapping):  # undecoded storage: {"bytes": ..., "path": ...}
-        if value.get("bytes") is not None:
-            with PILImage.open(io.BytesIO(value["bytes"])) as image:
-                plane = np.asarray(image)
-        elif value.get("path"):
-            with PILImage.open(value["path"]) as image:
-                plane = np.asarray(image)
-        else:
-            raise ScreenDataError(f"image value has neither bytes nor path: {value!r}")
-    elif isinstance(value, (bytes, bytearray)):
-        with PILImage.open(io.BytesIO(value)) as image:
-            plane = np.asarray(image)
-    else:
-        plane = np.asarray(value.numpy() if hasattr(value, "numpy") else value)
-    if plane.ndim == 3 and 1 in (plane.shape[0], plane.shape[-1]):
-        plane = plane.reshape(plane.shape[1:] if plane.shape[0] == 1 else plane.shape[:-1])
-    if plane.ndim != 2:
-        raise ImageShapeError(f"each channel must be a single-channel image, got shape {plane.shape}")
-    if plane.dtype not in SUPPORTED_DTYPES:
-        # Some readers widen 16-bit greyscale to int32 ("I" mode). PNG holds at most 16 bits, so the
-        # values fit; cast back so the dtype is the stored one.
-        if np.issubdtype(plane.dtype, np.integer) and plane.size and plane.min() >= 0 and plane.max() <= 65535:
-            plane = plane.astype(np.uint16)
-        else:
-            raise ImageShapeError(f"channel has unsupported pixel type {plane.dtype}")
-    return plane
-
-
-def decode_image(value: Any) -> np.ndarray:
-    """A row's ``image`` value -> (C, H, W) numpy array in the original dtype (uint8 or uint16).
-
-    Accepts what the ``image`` column yields in every mode: a list of PIL images (default decoding),
-    a list of ``{"bytes", "path"}`` dicts (``decode=False``), a list of (H, W) arrays (numpy
-    formatting), or an already stacked (C, H, W) array / tensor.
-    """
-    if hasattr(value, "numpy") and not isinstance(value, np.ndarray):  # torch tensor
-        value = value.numpy()
-    if isinstance(value, np.ndarray) and value.ndim == 4 and value.shape[1] == 1:
-        value = value[:, 0]  # the torch formatter yields (C, 1, H, W)
-    if isinstance(value, np.ndarray) and value.ndim == 3:
-        if value.dtype not in SUPPORTED_DTYPES:
-            raise ImageShapeError(f"image has unsupported pixel type {value.dtype}")
-        return value
-    if isinstance(value, (PILImage.Image, Mapping, bytes)):
-        value = [value]
-    planes = [_plane_from_value(v) for v in value]
-    if not planes:
-        raise ImageShapeError("image value has no channels")
-    shapes = {p.shape for p in planes}
-    dtypes = {p.dtype for p in planes}
-    if len(shapes) > 1 or len(dtypes) > 1:
-        raise ImageShapeError(f"channels of one image differ: shapes {sorted(shapes)}, dtypes {sorted(map(str, dtypes))}")
-    return np.stack(planes)
 
 
 # --------------------------------------------------------------------------------------------

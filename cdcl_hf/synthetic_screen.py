@@ -4,24 +4,24 @@ Why it exists: training and evaluation need a screen on a fresh machine with no 
 batch effect CDCL removes must be present and controllable. Everything is drawn procedurally with
 numpy from one seed:
 
-* **Biology.** Each field of view holds a handful of cells: a nucleus (channel 0, DNA) and a
+- **Biology.** Each field of view holds a handful of cells: a nucleus (channel 0, DNA) and a
   cytoplasm whose compartments show up in the other channels (diffuse fill, perinuclear
   concentration, cortical rim, texture). A mechanism of action (MoA) is a direction in a small space
   of morphology parameters (nucleus size / shape / lobulation / fragmentation, DNA brightness,
   cytoplasm spread / shape, texture, cortex, cell count, channel-specific intensity). Each compound of
   an MoA follows that direction with its own magnitude and a small off-target part; its dose sets the
   strength through a Hill curve, so low doses look almost like DMSO. Cells respond unevenly.
-* **Layout.** Plates are grouped into batches; every plate carries DMSO control wells, and each
+- **Layout.** Plates are grouped into batches; every plate carries DMSO control wells, and each
   treatment (compound @ concentration) sits on several plates spread over different batches, so every
   image has same-treatment partners in other domains. Well positions are shuffled per plate.
-* **Acquisition / batch effects** (scaled by ``batch_effect_strength``; 0 switches them all off):
+- **Acquisition / batch effects** (scaled by `batch_effect_strength`; 0 switches them all off):
   per-batch and per-plate channel gains and offsets, illumination gradients / vignetting, defocus
   blur, camera noise level, and a small biological drift (cell density and size per batch), which is
   the part per-plate intensity normalisation cannot undo. Shot and read noise are always present.
 
-Public API: :class:`SyntheticScreenConfig`, :func:`generate_synthetic_screen`,
-:func:`synthetic_screen_dataset`, :func:`config_for_num_images`, :func:`raw_pixel_features`,
-:func:`same_label_neighbour_rate`, and the CLI ``python -m cdcl_hf.synthetic_screen --output_dir DIR``.
+Public API: `SyntheticScreenConfig`, `generate_synthetic_screen`, `synthetic_screen_dataset`,
+`config_for_num_images`, `raw_pixel_features`, `same_label_neighbour_rate`, and the CLI
+`python -m cdcl_hf.synthetic_screen --output_dir DIR`.
 """
 
 from __future__ import annotations
@@ -66,8 +66,15 @@ _P = {name: index for index, name in enumerate(MORPHOLOGY_PARAMETERS)}
 
 @dataclass(frozen=True)
 class MoAPhenotype:
-    """What a mechanism of action does at full strength: morphology shifts plus channel-specific
-    log-intensity shifts keyed by channel profile name (see :data:`CHANNEL_PROFILES`)."""
+    """What a mechanism of action does at full strength.
+
+    Args:
+        morphology (`dict[str, float]`):
+            Shifts of the `MORPHOLOGY_PARAMETERS`.
+        channel_intensity (`dict[str, float]`, *optional*):
+            Channel-specific log-intensity shifts keyed by channel profile name (see
+            `CHANNEL_PROFILES`).
+    """
 
     morphology: dict[str, float]
     channel_intensity: dict[str, float] = field(default_factory=dict)
@@ -166,7 +173,26 @@ DEFAULT_MOAS: tuple[str, ...] = (
 
 @dataclass(frozen=True)
 class ChannelProfile:
-    """How a cytoplasm channel is distributed within the cell (weights of the compartments)."""
+    """How a cytoplasm channel is distributed within the cell (weights of the compartments).
+
+    Args:
+        brightness (`float`):
+            Brightness relative to the nucleus in the DNA channel.
+        fill (`float`):
+            Uniform cytoplasm.
+        perinuclear (`float`):
+            Highest next to the nucleus, fading to the cell edge.
+        cortex (`float`):
+            Rim under the cell membrane.
+        nucleus (`float`):
+            Signal inside the nucleus (e.g. RNA stains nucleoli).
+        nuclear_exclusion (`float`):
+            Fraction of the cytoplasm signal missing over the nucleus.
+        texture_scale (`float`):
+            Texture scale in px at 64 x 64.
+        texture_contrast (`float`):
+            Texture contrast.
+    """
 
     brightness: float  # relative to the nucleus in the DNA channel
     fill: float  # uniform cytoplasm
@@ -213,10 +239,40 @@ _DNA_PEAK_ADU = 2300.0  # a typical nucleus' brightness in the DNA channel
 class SyntheticScreenConfig:
     """Everything that defines a synthetic screen; the same config (and seed) gives the same bytes.
 
-    Images: ``num_batches * plates_per_batch`` plates, each with ``control_wells_per_plate`` DMSO wells
-    plus one well per treatment placed on that plate, ``sites_per_well`` fields of view per well.
-    Treatments = ``moas`` x ``compounds_per_moa`` x ``concentrations``. Each treatment is on
-    ``plates_per_treatment`` plates (None: on every plate), spread over as many batches as possible.
+    Images: `num_batches * plates_per_batch` plates, each with `control_wells_per_plate` DMSO wells
+    plus one well per treatment placed on that plate, `sites_per_well` fields of view per well.
+    Treatments = `moas` x `compounds_per_moa` x `concentrations`.
+
+    Args:
+        num_channels (`int`, *optional*, defaults to 3):
+            The number of channels, 2..8 (DNA + cytoplasm stains).
+        channel_names (`tuple[str, ...]`, *optional*):
+            Defaults from `CHANNEL_SETS` / "DNA", "ch1", ...
+        image_size (`int`, *optional*, defaults to 64):
+            The side of the square images, at least 16.
+        num_batches (`int`, *optional*, defaults to 4):
+            The number of batches.
+        plates_per_batch (`int`, *optional*, defaults to 2):
+            The number of plates per batch.
+        moas (`tuple[str, ...]`, *optional*, defaults to `DEFAULT_MOAS`):
+            The MoAs, keys of `MOA_PHENOTYPES`.
+        compounds_per_moa (`int`, *optional*, defaults to 2):
+            The number of compounds per MoA.
+        concentrations (`tuple[float, ...]`, *optional*, defaults to `(0.3, 1.0, 3.0)`):
+            In µM; the compounds' EC50s lie around 0.2-1 µM.
+        control_wells_per_plate (`int`, *optional*, defaults to 4):
+            The number of DMSO wells per plate.
+        sites_per_well (`int`, *optional*, defaults to 3):
+            The number of fields of view per well.
+        plates_per_treatment (`int`, *optional*):
+            The number of plates each treatment is on (`None`: every plate), spread over as many
+            batches as possible.
+        batch_effect_strength (`float`, *optional*, defaults to 1.0):
+            0: none; 1: realistic; 2+: severe.
+        dtype (`str`, *optional*, defaults to `"uint16"`):
+            `"uint16"` (12-bit range) or `"uint8"`.
+        seed (`int`, *optional*, defaults to 0):
+            The seed everything is drawn from.
     """
 
     num_channels: int = 3
@@ -303,12 +359,21 @@ class SyntheticScreenConfig:
 
 
 def config_for_num_images(num_images: int, **overrides) -> SyntheticScreenConfig:
-    """A config whose image count is close to ``num_images``, keeping the plate layout balanced.
+    """A config whose image count is close to `num_images`, keeping the plate layout balanced.
 
-    ``sites_per_well`` is chosen first; when one site per well is still too many, plates per batch and
+    `sites_per_well` is chosen first; when one site per well is still too many, plates per batch and
     then batches are reduced (down to 2 plates). The count is approximate (it moves in steps of one
     site per well across the screen, and cannot go below one site on 2 plates); read
-    ``config.num_images`` for the exact number.
+    `config.num_images` for the exact number.
+
+    Args:
+        num_images (`int`):
+            The wanted number of images.
+        **overrides:
+            Other `SyntheticScreenConfig` fields; a `sites_per_well` among them is ignored.
+
+    Returns:
+        `SyntheticScreenConfig`: the config.
     """
     if num_images < 1:
         raise ValueError("num_images must be positive")
@@ -348,8 +413,10 @@ class _Compound:
 
 
 def _profile_keys(channel_names: Sequence[str]) -> list[str]:
-    """The CHANNEL_PROFILES key of each cytoplasm channel (every channel but the first, DNA), by
-    name where it is a known stain, else cycling through the generic order."""
+    """The `CHANNEL_PROFILES` key of each cytoplasm channel (every channel but the first, DNA).
+
+    By name where it is a known stain, else cycling through the generic order.
+    """
     return [
         name.lower()
         if name.lower() in CHANNEL_PROFILES
@@ -467,8 +534,10 @@ def _build_layout(
 
 @dataclass
 class _PlateAcquisition:
-    """How one plate was stained and imaged; identity (gain 1, offset 0, flat field, no blur) at
-    strength 0 apart from the shared camera noise."""
+    """How one plate was stained and imaged.
+
+    Identity (gain 1, offset 0, flat field, no blur) at strength 0 apart from the shared camera noise.
+    """
 
     gain: np.ndarray  # (C,)
     offset: np.ndarray  # (C,) ADU on top of the camera dark level
@@ -570,8 +639,11 @@ def _gaussian_blur(stack: np.ndarray, sigma: float) -> np.ndarray:
 
 @dataclass
 class _Shapes:
-    """Irregular ellipses, one per object: an ellipse (radius, aspect, angle) whose radius is
-    modulated by angular harmonics k = 2..4 (``harmonics``: (n, 3, 2) cos/sin amplitudes)."""
+    """Irregular ellipses, one per object.
+
+    Each is an ellipse (radius, aspect, angle) whose radius is modulated by angular harmonics
+    k = 2..4 (`harmonics`: (n, 3, 2) cos/sin amplitudes).
+    """
 
     center_y: np.ndarray
     center_x: np.ndarray
@@ -592,12 +664,15 @@ class _Shapes:
 
 
 def _shape_maps(shapes: _Shapes, top: np.ndarray, left: np.ndarray, window: int, edge_px: float):
-    """Render each object in its own ``window`` x ``window`` patch whose top-left pixel is (top, left).
+    """Render each object in its own `window` x `window` patch whose top-left pixel is (top, left).
 
     Rendering patches instead of whole fields of view is what keeps ~1k images within seconds.
     cos(k phi) and sin(k phi) come from products of cos(phi), sin(phi), far cheaper than arctan2 + cos.
-    Returns float32 (n, window, window) maps: soft mask in [0, 1], radial position relative to the
-    boundary (0 centre, 1 edge), depth inside the boundary in px.
+
+    Returns:
+        `tuple[np.ndarray, np.ndarray, np.ndarray]`: float32 (n, window, window) maps: soft mask in
+        [0, 1], radial position relative to the boundary (0 centre, 1 edge), depth inside the
+        boundary in px.
     """
     f32 = np.float32
     offsets = np.arange(window, dtype=f32) + f32(0.5)
@@ -635,8 +710,8 @@ def _paste_max(
 ) -> np.ndarray:
     """Render objects in patches and combine them per image by maximum -> (num_images, M, size, size).
 
-    ``maps_fn(mask, relative, depth, objects)`` returns the (n, M, w, w) maps to paste for the object
-    indices ``objects`` (mask etc. as from :func:`_shape_maps`). Max, not sum: cells in a monolayer sit
+    `maps_fn(mask, relative, depth, objects)` returns the (n, M, w, w) maps to paste for the object
+    indices `objects` (mask etc. as from `_shape_maps`). Max, not sum: cells in a monolayer sit
     side by side, and stacking would make overlaps glow.
     """
     canvas = None
@@ -662,7 +737,7 @@ def _paste_max(
 def _texture_fields(
     rng: np.random.Generator, count: int, channels: int, size: int, scale_px: np.ndarray
 ) -> np.ndarray:
-    """Unit-variance Gaussian random fields (count, channels, H, W), smoothed at ``scale_px`` (count, channels)."""
+    """Unit-variance Gaussian random fields (count, channels, H, W), smoothed at `scale_px` (count, channels)."""
     noise = rng.standard_normal((count, channels, size, size), dtype=np.float32)
     fy = np.fft.fftfreq(size)[:, None]
     fx = np.fft.rfftfreq(size)[None, :]
@@ -684,8 +759,19 @@ def _render_chunk(
 ) -> np.ndarray:
     """Noise-free fluorescence (B, C, H, W), float32, in units of a typical nucleus' DNA brightness.
 
-    image_shift: (B, P) treatment effect (compound direction x dose strength); image_drift: (B, P)
-    batch/plate/well drift; image_channel_shift: (B, C) log-intensity shift per channel.
+    Args:
+        rng (`np.random.Generator`):
+            The random source.
+        config (`SyntheticScreenConfig`):
+            The screen.
+        profiles (`list[ChannelProfile]`):
+            The profile of each cytoplasm channel.
+        image_shift (`np.ndarray` of shape `(B, P)`):
+            Treatment effect (compound direction x dose strength).
+        image_drift (`np.ndarray` of shape `(B, P)`):
+            Batch/plate/well drift.
+        image_channel_shift (`np.ndarray` of shape `(B, C)`):
+            Log-intensity shift per channel.
     """
     count = image_shift.shape[0]
     size = config.image_size
@@ -831,11 +917,16 @@ _RENDER_CHUNK = 64  # images rendered together: big enough to vectorise, small e
 
 
 def generate_synthetic_screen(config: SyntheticScreenConfig | None = None) -> tuple[np.ndarray, pd.DataFrame]:
-    """Draw a synthetic screen.
+    """Draw a synthetic screen; the same config gives identical bytes.
 
-    Returns ``images`` (N, C, H, W) uint16 (12-bit range) or uint8, and ``metadata``: a DataFrame
-    with the screen schema columns (plate, well, site, batch, compound, concentration, treatment, moa,
-    is_control), one row per image, sorted by plate, well, site. The same config gives identical bytes.
+    Args:
+        config (`SyntheticScreenConfig`, *optional*):
+            The screen; the default config when `None`.
+
+    Returns:
+        `tuple[np.ndarray, pd.DataFrame]`: `images` (N, C, H, W) uint16 (12-bit range) or uint8, and
+        `metadata`: a DataFrame with the screen schema columns (plate, well, site, batch, compound,
+        concentration, treatment, moa, is_control), one row per image, sorted by plate, well, site.
     """
     config = config or SyntheticScreenConfig()
     config.validate()
@@ -892,10 +983,14 @@ def generate_synthetic_screen(config: SyntheticScreenConfig | None = None) -> tu
 
 
 def synthetic_screen_dataset(config: SyntheticScreenConfig | None = None, **overrides):
-    """The synthetic screen as a screen-schema ``datasets.Dataset`` (see docs/dataset-schema.md).
+    """The synthetic screen as a screen-schema `datasets.Dataset` (see docs/dataset-schema.md).
 
-    ``overrides`` replace fields of ``config`` (or of the default config), e.g.
-    ``synthetic_screen_dataset(batch_effect_strength=2.0, seed=3)``.
+    Args:
+        config (`SyntheticScreenConfig`, *optional*):
+            The screen; the default config when `None`.
+        **overrides:
+            Replace fields of `config` (or of the default config), e.g.
+            `synthetic_screen_dataset(batch_effect_strength=2.0, seed=3)`.
     """
     # Imported here so that generating arrays does not pay for importing datasets / pyarrow.
     from cdcl_hf.screen_data import dataset_from_arrays
@@ -911,12 +1006,21 @@ def synthetic_screen_dataset(config: SyntheticScreenConfig | None = None, **over
 
 
 def raw_pixel_features(images: np.ndarray, grid: int = 4) -> np.ndarray:
-    """Simple, learning-free image features, standardised per column (N, F).
+    """Simple, learning-free image features, standardised per column.
 
     Per channel: mean, standard deviation, 5/50/95 % quantiles, mean absolute gradient (texture /
-    sharpness), and the mean intensity on a coarse ``grid`` x ``grid`` tiling (sees illumination
-    gradients; ``grid=0`` leaves it out). Batch effects dominate this kind of representation, which
-    is what the tests and the docs use it to show.
+    sharpness), and the mean intensity on a coarse `grid` x `grid` tiling (sees illumination
+    gradients). Batch effects dominate this kind of representation, which is what the tests and the
+    docs use it to show.
+
+    Args:
+        images (`np.ndarray` of shape `(N, C, H, W)`):
+            The images.
+        grid (`int`, *optional*, defaults to 4):
+            The side of the tiling; 0 leaves the tile means out.
+
+    Returns:
+        `np.ndarray` of shape `(N, F)`: the features.
     """
     x = images.astype(np.float32)
     n, c, h, w = x.shape
@@ -943,8 +1047,15 @@ def same_label_neighbour_rate(
 ) -> float:
     """Fraction of rows whose Euclidean nearest neighbour (itself excluded) has the same label.
 
-    ``exclude``: optional group per row; neighbours from the row's own group are not considered
-    (e.g. pass the compound to ask "is the nearest *other* compound of the same MoA?")."""
+    Args:
+        features (`np.ndarray` of shape `(N, F)`):
+            One feature vector per row.
+        labels (`Sequence`):
+            The label of each row.
+        exclude (`Sequence`, *optional*):
+            A group per row; neighbours from the row's own group are not considered (e.g. pass the
+            compound to ask "is the nearest *other* compound of the same MoA?").
+    """
     features = np.asarray(features, dtype=np.float64)
     labels = np.asarray(labels)
     squared = (features**2).sum(axis=1)
@@ -999,7 +1110,14 @@ DEFAULT_CLI_SCREEN = {"num_images": 960, "image_size": 64, "num_channels": 3, "b
 
 
 def add_synthetic_screen_arguments(parser: argparse.ArgumentParser, default_seed: int = 0) -> None:
-    """`--synthetic_*` flags describing the screen that `--dataset_name synthetic` stands for."""
+    """Add the `--synthetic_*` flags describing the screen that `--dataset_name synthetic` stands for.
+
+    Args:
+        parser (`argparse.ArgumentParser`):
+            The parser to extend.
+        default_seed (`int`, *optional*, defaults to 0):
+            The default of `--synthetic_seed`.
+    """
     group = parser.add_argument_group("synthetic screen (--dataset_name synthetic)")
     group.add_argument("--synthetic_num_images", type=int, default=DEFAULT_CLI_SCREEN["num_images"],
                        help="approximate image count (the plate layout stays balanced)")

@@ -1,5 +1,6 @@
 """The three on-disk layouts, the CLI, splits, atomic writes and every bad-input case."""
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 import tifffile
 from PIL import Image
 
+from cdcl_hf.commands import build_dataset
 from cdcl_hf.dataset_builders import (
     SKIPPED_ROWS_FILE,
     bbbc021_source,
@@ -28,8 +30,7 @@ from cdcl_hf.screen_data import (
     screen_channel_names,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hub"))
-import build_dataset  # noqa: E402  (the CLI script)
+SCRIPT = Path(__file__).resolve().parents[1] / "hub" / "build_dataset.py"
 
 datasets.disable_progress_bars()
 rng = np.random.default_rng(0)
@@ -234,6 +235,22 @@ def test_missing_file_truncated_image_and_duplicates(tmp_path):
     assert "Rows skipped during the build: 3" in (tmp_path / "out" / "README.md").read_text()
 
 
+def test_unsupported_pixel_type_and_other_pillow_formats(tmp_path):
+    csv, _ = folder_screen(tmp_path / "s", rows=3)
+    np.save(tmp_path / "s" / "images" / "field_1.npy", np.zeros((16, 16, 3), dtype=np.float32))
+    with pytest.raises(ImageShapeError, match=r"line 3, file .*field_1.npy: expected uint8 or uint16 pixels.*float32"):
+        build_screen_dataset(folder_source(csv), tmp_path / "out")
+    # One file per channel in a format outside npy/tif/png: Pillow reads 16-bit PGM as int32, stored as uint16.
+    planes = [rng.integers(0, 65536, size=(8, 8), dtype=np.uint16) for _ in range(2)]
+    for name, plane in zip(("dna.pgm", "actin.pgm"), planes, strict=True):
+        Image.fromarray(plane).save(tmp_path / name)
+    pd.DataFrame([{"DNA_file": "dna.pgm", "Actin_file": "actin.pgm", "plate": "P", "well": "A01", "site": 1, "batch": "b",
+                   "compound": "DMSO", "concentration": 0}]).to_csv(tmp_path / "pgm.csv", index=False)
+    result = build_screen_dataset(folder_source(tmp_path / "pgm.csv"), tmp_path / "pgm")
+    assert result.dtype == "uint16"
+    np.testing.assert_array_equal(decode_image(result.dataset["train"][0]["image"]), np.stack(planes))
+
+
 @pytest.mark.parametrize("bad", ["channels", "size"])
 def test_rows_differing_in_channels_or_size(tmp_path, bad):
     csv, _ = folder_screen(tmp_path / "s", rows=4)
@@ -293,3 +310,18 @@ def test_cli_builds_and_reports_errors(tmp_path, capsys):
     (tmp_path / "s" / "images" / "field_1.npy").unlink()
     code = build_dataset.main(["folder", "--metadata_csv", str(csv), "--output_dir", str(tmp_path / "out2")])
     assert code == 1 and "line 3: image file" in capsys.readouterr().err
+
+
+def test_hub_script_runs_the_command(tmp_path):
+    csv, pixels = folder_screen(tmp_path / "s", rows=3)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "folder", "--metadata_csv", str(csv), "--output_dir", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "wrote {'train': 3} rows, 3 channels" in result.stdout and "(3, 16, 16) uint16" in result.stdout
+    row = load_screen(tmp_path / "out")[0]
+    np.testing.assert_array_equal(decode_image(row["image"]), np.moveaxis(pixels["field_0.npy"], -1, 0))
+    missing = subprocess.run([sys.executable, str(SCRIPT), "folder", "--metadata_csv", str(tmp_path / "none.csv"),
+                              "--output_dir", str(tmp_path / "out2")], capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 1 and "none.csv does not exist" in missing.stderr

@@ -1,4 +1,4 @@
-"""training/evaluate_embeddings.py end to end on the real BBBC021 crops, and the local `evaluate` metric module."""
+"""The evaluation command (training/evaluate_embeddings.py, cdcl-evaluate) end to end on the real BBBC021 crops, and the local `evaluate` metric module."""
 
 import importlib.util
 import json
@@ -22,10 +22,9 @@ EXPECTED_METRICS = {
 
 
 def load_cli():
-    spec = importlib.util.spec_from_file_location("cdcl_evaluate_cli", CLI)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from cdcl_hf.commands import evaluate
+
+    return evaluate
 
 
 @pytest.fixture(scope="module")
@@ -45,17 +44,14 @@ def tiny_checkpoint(bbbc021_crops_dataset, tmp_path_factory):
     """A tiny model with the processor train.py saves after per-plate normalisation ("per_channel", the
     average plate's mean/std), so the CLI has to pass each image's own plate statistics."""
     from cdcl_hf import CDCLConfig, CDCLImageProcessor, CDCLModel
-    from cdcl_hf.screen_data import load_screen, plate_statistics
+    from cdcl_hf.normalization import PlateNormalization
+    from cdcl_hf.screen_data import load_screen
 
-    statistics = plate_statistics(load_screen(bbbc021_crops_dataset), source="controls")
+    normalization = PlateNormalization.from_screen(load_screen(bbbc021_crops_dataset), "plate_controls")
     path = tmp_path_factory.mktemp("tiny_model")
     torch.manual_seed(0)
     CDCLModel(CDCLConfig.from_preset("tiny", num_channels=3)).save_pretrained(path)
-    CDCLImageProcessor(
-        num_channels=3, size=32, normalization="per_channel",
-        image_mean=np.mean([s.mean for s in statistics.values()], axis=0).tolist(),
-        image_std=np.mean([s.std for s in statistics.values()], axis=0).tolist(),
-    ).save_pretrained(path)
+    CDCLImageProcessor(num_channels=3, size=32, **normalization.processor_kwargs()).save_pretrained(path)
     return path
 
 

@@ -50,19 +50,6 @@ def test_update_uses_only_each_domains_rows_and_keeps_absent_domains():
     assert torch.equal(center.center[1], before[1])  # absent from the batch: unchanged
 
 
-def test_frequency_weighted_update_option():
-    # Domain 0 holds 90% of the dataset but only half the batch: it moves at 0.5/0.9 of the step.
-    center = PerDomainCenter(num_domains=2, out_dim=K, momentum=0.9, domain_sizes=[90, 10])
-    teacher = torch.ones(4, K)
-    center.update(teacher, torch.tensor([0, 0, 1, 1]))
-    assert torch.allclose(center.center[0], torch.full((K,), 0.1 * 0.5 / 0.9))
-    assert torch.allclose(center.center[1], torch.full((K,), 0.1 * 0.5 / 0.1))
-    # A rare domain flooding the batch: step 0.1 * 0.75 / 0.01 = 7.5 is capped at 1 (no overshoot).
-    capped = PerDomainCenter(num_domains=2, out_dim=K, momentum=0.9, domain_sizes=[99, 1])
-    capped.update(teacher, torch.tensor([0, 1, 1, 1]))
-    assert torch.allclose(capped.center[1], torch.ones(K))
-
-
 def test_center_state_dict_round_trip_and_validation():
     center = PerDomainCenter(num_domains=4, out_dim=K)
     center.update(torch.randn(8, K), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]))

@@ -337,7 +337,8 @@ def test_iterable_policies():
 def test_end_to_end_on_a_screen_dataset():
     """PartnerIndex + pair dataset + loader + multi-crop on the real screen schema (PNG channels)."""
     screen_data = pytest.importorskip("cdcl_hf.screen_data")
-    from cdcl_hf.multicrop import MultiCropAugmentation, PlateNormalizer, ScreenImageLoader
+    from cdcl_hf.multicrop import MultiCropAugmentation
+    from cdcl_hf.normalization import PlateNormalization
 
     rng = np.random.default_rng(0)
     metadata = pd.DataFrame(
@@ -362,7 +363,7 @@ def test_end_to_end_on_a_screen_dataset():
         ds,
         index,
         MultiCropAugmentation(global_size=16, local_size=8, num_local_crops=2),
-        image_loader=ScreenImageLoader(PlateNormalizer(stats)),
+        image_loader=PlateNormalization("plate_all", stats).load_normalized,
     )
     batch = next(iter(torch.utils.data.DataLoader(pairs, batch_size=6)))
     assert batch["global_crops"].shape == (6, 2, 3, 16, 16) and batch["local_crops"].shape == (6, 2, 3, 8, 8)

@@ -9,7 +9,6 @@ from cdcl_hf.profiling import (
     aggregate_profiles,
     correct_profiles,
     extract_embeddings,
-    extraction_plate_statistics,
     feature_columns,
     read_profiles,
     tile_offsets,
@@ -208,45 +207,41 @@ def test_channel_mismatch_is_a_clear_error(tiny_screen, tiny_model):
                            progress=False)
 
 
-def per_channel_processor(statistics):
-    """The processor train.py saves after per-plate normalisation: mean/std of the average plate."""
+def per_channel_processor(normalization):
+    """The processor training exports after per-plate normalisation: mean/std of the average plate."""
     from cdcl_hf import CDCLImageProcessor
 
-    return CDCLImageProcessor(
-        num_channels=3, size=32, normalization="per_channel",
-        image_mean=np.mean([s.mean for s in statistics.values()], axis=0).tolist(),
-        image_std=np.mean([s.std for s in statistics.values()], axis=0).tolist(),
-    )
+    return CDCLImageProcessor(num_channels=3, size=32, **normalization.processor_kwargs())
 
 
 def test_per_channel_checkpoint_is_normalised_by_each_image_plate_as_in_training(tiny_screen, tiny_model):
     from cdcl_hf import CDCLImageProcessor
-    from cdcl_hf.multicrop import PlateNormalizer
+    from cdcl_hf.normalization import PlateNormalization
     from cdcl_hf.screen_data import plate_statistics
 
     dataset, images = tiny_screen
-    statistics = plate_statistics(dataset, source="controls")
-    processor = per_channel_processor(statistics)
-    assert extraction_plate_statistics(processor, dataset, "controls") == statistics
-    assert extraction_plate_statistics(processor, dataset, "none") is None  # the processor as saved
+    training_normalization = PlateNormalization.from_screen(dataset, "plate_controls")
+    processor = per_channel_processor(training_normalization)
+    evaluation_normalization = PlateNormalization.for_processor(processor, dataset, "controls")
+    assert evaluation_normalization.statistics.keys() == plate_statistics(dataset, source="controls").keys()
+    assert PlateNormalization.for_processor(processor, dataset, "none") is None  # the processor as saved
     per_image = CDCLImageProcessor(num_channels=3)
-    assert extraction_plate_statistics(per_image, dataset, "controls") is None  # normalises each image itself
-    assert extraction_plate_statistics(None, dataset, "controls") is None
+    assert PlateNormalization.for_processor(per_image, dataset, "controls") is None  # normalises each image itself
+    assert PlateNormalization.for_processor(None, dataset, "controls") is None
 
     # Batches of 5 and 2 mix plates P1 and P2: each image must still get its own plate's statistics.
     mixed = extract_embeddings(tiny_model, dataset, processor, batch_size=5, device="cpu", progress=False,
-                               plate_statistics=statistics)
+                               normalization=evaluation_normalization)
     small = extract_embeddings(tiny_model, dataset, processor, batch_size=2, device="cpu", progress=False,
-                               plate_statistics=statistics)
+                               normalization=evaluation_normalization)
     features = feature_columns(mixed)
     np.testing.assert_allclose(small[features], mixed[features], atol=1e-5)
 
-    # Reference: training's rule (PlateNormalizer on the raw image, then only the resize).
-    normalizer = PlateNormalizer(statistics)
+    # Reference: training's rule (normalise the raw image by its plate, then only the resize).
     identity = {"image_mean": [0.0] * 3, "image_std": [1.0] * 3}
     with torch.inference_mode():
         for row, (image, plate) in enumerate(zip(images, dataset["plate"], strict=True)):
-            normalised = normalizer(torch.from_numpy(image.astype(np.float32)), plate).numpy()
+            normalised = training_normalization.normalize(torch.from_numpy(image.astype(np.float32)), plate).numpy()
             pixels = processor([normalised], return_tensors="pt", **identity)["pixel_values"]
             expected = tiny_model(pixel_values=pixels).pooler_output[0].numpy()
             np.testing.assert_allclose(mixed[features].to_numpy()[row], expected, atol=1e-4)
@@ -257,15 +252,15 @@ def test_per_channel_checkpoint_is_normalised_by_each_image_plate_as_in_training
 
 
 def test_streamed_dataset_gives_the_same_profiles(tiny_screen, tiny_model):
-    from cdcl_hf.screen_data import plate_statistics
+    from cdcl_hf.normalization import PlateNormalization
 
     dataset, _ = tiny_screen
-    statistics = plate_statistics(dataset, source="all")
-    processor = per_channel_processor(statistics)
+    normalization = PlateNormalization.from_screen(dataset, "plate_all")
+    processor = per_channel_processor(normalization)
     in_memory = extract_embeddings(tiny_model, dataset, processor, batch_size=2, device="cpu", progress=False,
-                                   plate_statistics=statistics)
+                                   normalization=normalization)
     streamed = extract_embeddings(tiny_model, dataset.to_iterable_dataset(), processor, batch_size=2,
-                                  device="cpu", progress=False, plate_statistics=statistics)
+                                  device="cpu", progress=False, normalization=normalization)
     pd.testing.assert_frame_equal(streamed, in_memory, atol=1e-5)
 
 

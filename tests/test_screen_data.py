@@ -78,6 +78,17 @@ def test_decode_image_accepts_undecoded_storage(uint16_images):
     np.testing.assert_array_equal(decode_image(raw), uint16_images[0])
 
 
+def test_decode_image_casts_widened_16_bit_planes_back(uint16_images):
+    """Readers that hand 16-bit greyscale over as int32 (PIL "I" mode) or int64 arrays give uint16 back."""
+    widened = [screen_data.PILImage.fromarray(plane.astype(np.int32), mode="I") for plane in uint16_images[0]]
+    decoded = decode_image(widened)
+    assert decoded.dtype == np.uint16
+    np.testing.assert_array_equal(decoded, uint16_images[0])
+    np.testing.assert_array_equal(decode_image(list(uint16_images[1].astype(np.int64))), uint16_images[1])
+    with pytest.raises(ImageShapeError, match=r"row 7, channel 0: unsupported pixel type int64"):
+        decode_image([np.full((4, 4), -1, dtype=np.int64)], where="row 7")
+
+
 def test_dataset_from_arrays_rejects_bad_input(uint16_images):
     metadata = make_metadata(6)
     with pytest.raises(MissingColumnError, match="plate"):

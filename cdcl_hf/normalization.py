@@ -1,0 +1,162 @@
+"""Intensity normalisation: the one contract shared by training, the exported image processor and profiling.
+
+Fluorescence intensities are not comparable across plates (stain batches, exposure, lamp age), so CDCL normalises
+every image with its own plate's per-channel statistics (the paper's data pre-processing):
+`(image - mean[plate]) / std[plate]`, the statistics taken over the plate's negative controls or all its images. A `PlateNormalization` holds those
+statistics and the std floor, and is what
+
+- training calls on every decoded image (`PlateNormalization.load_normalized`, before augmentation, so that the
+  gain / offset noise is in units of the plate's spread);
+- the export writes into the checkpoint's `CDCLImageProcessor` (`processor_kwargs`: the average plate, the best
+  default for a plate nobody has statistics of);
+- evaluation re-creates for the screen it embeds (`for_processor`) and passes per plate to the processor
+  (`processor_call_kwargs`), so that an evaluated image is normalised exactly as a training image was.
+
+`"per_image"` mode standardises each channel of each image by its own statistics instead, with the processor's
+rule (`standardize_per_image`), so that training and inference agree there too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from .image_processing_cdcl import standardize_per_image
+from .screen_data import PlateStatistics, decode_image, plate_statistics
+
+__all__ = [
+    "NORMALIZATION_MODES",
+    "PLATE_STATISTICS_SOURCES",
+    "PLATE_STD_FLOOR",
+    "PlateNormalization",
+]
+
+# Training's `--normalization` values.
+NORMALIZATION_MODES = ("plate_controls", "plate_all", "per_image")
+# Evaluation's `--plate_normalization` values: where a per-plate checkpoint's statistics come from ("none" keeps
+# the processor's saved average plate).
+PLATE_STATISTICS_SOURCES = ("controls", "all", "none")
+# A constant channel (an empty stain, a saturated plate) has std 0; the floor keeps its normalised pixels finite.
+PLATE_STD_FLOOR = 1e-6
+
+
+class PlateNormalization:
+    r"""
+    Per-plate, per-channel intensity normalisation (or per-image standardisation).
+
+    Args:
+        mode (`str`): `"plate_controls"`, `"plate_all"` (per-plate statistics of the controls / of all images) or
+            `"per_image"`.
+        statistics (`Mapping[str, PlateStatistics]`, *optional*): Statistics per plate; required for the plate
+            modes. Values may also be `(mean, std)` pairs of per-channel sequences.
+        std_floor (`float`, defaults to `PLATE_STD_FLOOR`): Lower bound applied to every plate's std.
+        plate_column (`str`, defaults to `"plate"`): The screen column `load_normalized` reads the plate from.
+    """
+
+    def __init__(
+        self,
+        mode: str,
+        statistics: Mapping[str, Any] | None = None,
+        std_floor: float = PLATE_STD_FLOOR,
+        plate_column: str = "plate",
+    ):
+        if mode not in NORMALIZATION_MODES:
+            raise ValueError(f"normalization mode must be one of {NORMALIZATION_MODES}, got {mode!r}")
+        if mode != "per_image" and not statistics:
+            raise ValueError(f"normalization {mode!r} needs per-plate statistics, got none")
+        self.mode = mode
+        self.std_floor = float(std_floor)
+        self.plate_column = plate_column
+        # Raw float64 statistics (what the processor stores) and their float32 (C, 1, 1) tensors with the floor
+        # applied (what images are normalised with).
+        self.statistics: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._mean_std: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for plate, value in (statistics or {}).items():
+            mean, std = (value.mean, value.std) if isinstance(value, PlateStatistics) else value
+            mean, std = np.asarray(mean, dtype=np.float64), np.asarray(std, dtype=np.float64)
+            if mean.shape != std.shape or mean.ndim != 1:
+                raise ValueError(f"plate {plate!r}: mean and std must be per-channel vectors of one length")
+            self.statistics[str(plate)] = (mean, std)
+            self._mean_std[str(plate)] = (
+                torch.as_tensor(mean.astype(np.float32)).view(-1, 1, 1),
+                torch.as_tensor(std.astype(np.float32)).view(-1, 1, 1).clamp_min(self.std_floor),
+            )
+
+    @classmethod
+    def from_screen(cls, screen: Any, mode: str, plate_column: str = "plate") -> PlateNormalization:
+        """The normalisation `mode` of `screen` (per-plate statistics computed once and cached, see
+        `cdcl_hf.screen_data.plate_statistics`)."""
+        if mode == "per_image":
+            return cls(mode, plate_column=plate_column)
+        source = "controls" if mode == "plate_controls" else "all"
+        return cls(mode, plate_statistics(screen, source=source), plate_column=plate_column)
+
+    @classmethod
+    def for_processor(cls, processor: Any, screen: Any, source: str = "controls") -> PlateNormalization | None:
+        """What evaluation normalises `screen` with for a checkpoint whose image processor is `processor`.
+
+        A checkpoint trained with per-plate statistics saves a processor with `normalization="per_channel"` whose
+        mean / std are the average training plate; training itself normalised each image by its own plate. This
+        returns that rule for the plates of `screen` (statistics from its controls or from all its images), or
+        `None` to use the processor as saved: for `source="none"` and for processors that normalise each image on
+        their own (per-image, none, or a non-CDCL processor).
+        """
+        if source not in PLATE_STATISTICS_SOURCES:
+            raise ValueError(f"plate statistics source must be one of {PLATE_STATISTICS_SOURCES}, got {source!r}")
+        if source == "none" or getattr(processor, "normalization", None) != "per_channel":
+            return None
+        return cls.from_screen(screen, "plate_controls" if source == "controls" else "plate_all")
+
+    @property
+    def per_plate(self) -> bool:
+        return self.mode != "per_image"
+
+    @property
+    def plates(self) -> list[str]:
+        return sorted(self._mean_std)
+
+    def _plate_mean_std(self, plate: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            return self._mean_std[str(plate)]
+        except KeyError:
+            raise KeyError(
+                f"no intensity statistics for plate {plate!r} ({len(self._mean_std)} plates known); "
+                "compute them on the screen being normalised"
+            ) from None
+
+    def normalize(self, image: torch.Tensor, plate: Any = None) -> torch.Tensor:
+        """A (C, H, W) image in raw intensity units, normalised as float32."""
+        if not self.per_plate:
+            return standardize_per_image(image.float())
+        mean, std = self._plate_mean_std(plate)
+        if image.shape[0] != mean.shape[0]:
+            raise ValueError(f"image has {image.shape[0]} channels, plate {plate!r} statistics have {mean.shape[0]}")
+        return (image.float() - mean) / std
+
+    def load_normalized(self, row: Mapping[str, Any], image_column: str = "image") -> torch.Tensor:
+        """A screen row (schema of docs/dataset-schema.md) -> its normalised float32 (C, H, W) image."""
+        image = torch.from_numpy(decode_image(row[image_column]).astype(np.float32))
+        return self.normalize(image, row.get(self.plate_column) if self.per_plate else None)
+
+    def processor_kwargs(self) -> dict[str, Any]:
+        """The `CDCLImageProcessor` settings a checkpoint trained with this normalisation is saved with.
+
+        Per-plate modes store the average plate's mean and std; pass a new plate's own statistics per call
+        (`processor(images, **normalization.processor_call_kwargs(plate))`) to reproduce training exactly.
+        """
+        if not self.per_plate:
+            return {"normalization": "per_image"}
+        means, stds = zip(*self.statistics.values(), strict=True)
+        return {
+            "normalization": "per_channel",
+            "image_mean": np.mean(means, axis=0).tolist(),
+            "image_std": np.mean(stds, axis=0).tolist(),
+        }
+
+    def processor_call_kwargs(self, plate: Any) -> dict[str, list[float]]:
+        """`image_mean` / `image_std` for one `CDCLImageProcessor` call on images of `plate` (floor applied)."""
+        mean, std = self._plate_mean_std(plate)
+        return {"image_mean": mean.flatten().double().tolist(), "image_std": std.flatten().double().tolist()}
