@@ -584,7 +584,7 @@ def dataset_card(
 
 {source.description}
 
-Built with cdcl-hf's `hub/build_dataset.py` on {datetime.now(timezone.utc):%Y-%m-%d}.
+Built with cdcl-hf's `cdcl-build-dataset` (`hub/build_dataset.py`) on {datetime.now(timezone.utc):%Y-%m-%d}.
 
 ## Source and licence
 

@@ -18,16 +18,27 @@ rule (`standardize_per_image`), so that training and inference agree there too.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
+import re
 from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import torch
 
+from .image_io import ImageShapeError, decode_image
 from .image_processing_cdcl import standardize_per_image
-from .screen_data import PlateStatistics, decode_image, plate_statistics
+from .screen_data import IMAGE_COLUMN, MissingColumnError
 
 __all__ = [
+    "PlateStatistics",
+    "plate_statistics",
     "NORMALIZATION_MODES",
     "PLATE_STATISTICS_SOURCES",
     "PLATE_STD_FLOOR",
@@ -41,6 +52,151 @@ NORMALIZATION_MODES = ("plate_controls", "plate_all", "per_image")
 PLATE_STATISTICS_SOURCES = ("controls", "all", "none")
 # A constant channel (an empty stain, a saturated plate) has std 0; the floor keeps its normalised pixels finite.
 PLATE_STD_FLOOR = 1e-6
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-plate intensity statistics
+# --------------------------------------------------------------------------------------------
+
+
+STATISTICS_VERSION = 1  # bump when the computation changes, to invalidate old cache files
+
+
+@dataclass
+class PlateStatistics:
+    """Per-channel intensity mean and standard deviation of one plate (over all pixels)."""
+
+    plate: str
+    mean: np.ndarray  # float64, (C,)
+    std: np.ndarray  # float64, (C,), population std
+    num_images: int
+    source: str  # "controls" or "all": what the numbers were computed over
+
+    def to_json(self) -> dict[str, Any]:
+        return {"plate": self.plate, "mean": self.mean.tolist(), "std": self.std.tolist(), "num_images": self.num_images, "source": self.source}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> PlateStatistics:
+        return cls(data["plate"], np.asarray(data["mean"], dtype=np.float64), np.asarray(data["std"], dtype=np.float64), int(data["num_images"]), data["source"])
+
+
+@dataclass
+class _RunningMoments:
+    """Per-channel count/mean/M2, merged image by image (Chan et al.), so large uint16 sums stay exact."""
+
+    count: float = 0.0
+    mean: np.ndarray | None = None
+    m2: np.ndarray | None = None
+    images: int = 0
+
+    def add(self, pixels: np.ndarray) -> None:
+        flat = pixels.reshape(pixels.shape[0], -1).astype(np.float64)
+        n = float(flat.shape[1])
+        mean = flat.mean(axis=1)
+        m2 = ((flat - mean[:, None]) ** 2).sum(axis=1)
+        self.images += 1
+        if self.mean is None:
+            self.count, self.mean, self.m2 = n, mean, m2
+            return
+        if mean.shape != self.mean.shape:
+            raise ImageShapeError(f"images of one plate have {self.mean.shape[0]} and {mean.shape[0]} channels")
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta**2 * (self.count * n / total)
+        self.count = total
+
+    def statistics(self, plate: str, source: str) -> PlateStatistics:
+        return PlateStatistics(plate, self.mean.copy(), np.sqrt(self.m2 / self.count), self.images, source)
+
+
+_STATISTICS_MEMORY: dict[str, dict[str, PlateStatistics]] = {}
+
+
+def _dataset_identity(dataset: datasets.Dataset | datasets.IterableDataset) -> str | None:
+    """A string that changes whenever the dataset's content does, or None if there is none."""
+    if isinstance(dataset, datasets.Dataset):
+        return dataset._fingerprint
+    # A streamed Hub dataset reads files resolved to a commit ("hf://datasets/org/name@<sha>/..."),
+    # so its file list identifies the content; a local stream's files carry no version, so no identity.
+    files = []
+    iterable = getattr(dataset, "_ex_iterable", None)
+    while iterable is not None:
+        kwargs = getattr(iterable, "kwargs", None) or {}
+        for value in kwargs.values():
+            if isinstance(value, (list, tuple)):
+                files.extend(str(v) for v in value if isinstance(v, str) or hasattr(v, "__fspath__"))
+        iterable = getattr(iterable, "ex_iterable", None)
+    commit_pinned = [f for f in files if re.search(r"@[0-9a-f]{40}/", f)]
+    if commit_pinned and len(commit_pinned) == len(files):
+        return "stream:" + ",".join(sorted(files)) + f":{dataset.split}"
+    return None
+
+
+def plate_statistics(
+    dataset: datasets.Dataset | datasets.IterableDataset,
+    source: str = "controls",
+    cache_dir: str | os.PathLike | None = None,
+) -> dict[str, PlateStatistics]:
+    """Per-plate, per-channel mean/std of the raw intensities, computed once and cached.
+
+    ``source="controls"`` uses the plate's control images (``is_control``); a plate without any
+    falls back to all its images (``PlateStatistics.source`` says which). ``source="all"`` uses every
+    image. Results are memoised in the process and, when the dataset has a stable identity (its
+    fingerprint, or a Hub stream pinned to a commit), written to
+    ``cache_dir`` (default: ``<HF datasets cache>/cdcl_plate_statistics``) as JSON.
+    """
+    if source not in ("controls", "all"):
+        raise ValueError(f"source must be 'controls' or 'all', got {source!r}")
+    identity = _dataset_identity(dataset)
+    cache_file = None
+    if identity is not None:
+        key = hashlib.sha256(f"{STATISTICS_VERSION}:{source}:{identity}".encode()).hexdigest()[:32]
+        if key in _STATISTICS_MEMORY:
+            return dict(_STATISTICS_MEMORY[key])
+        directory = Path(cache_dir) if cache_dir is not None else Path(datasets.config.HF_DATASETS_CACHE) / "cdcl_plate_statistics"
+        cache_file = directory / f"{key}.json"
+        if cache_file.is_file():
+            stored = json.loads(cache_file.read_text())
+            result = {plate: PlateStatistics.from_json(v) for plate, v in stored["plates"].items()}
+            _STATISTICS_MEMORY[key] = result
+            return dict(result)
+    if dataset.column_names is not None:
+        missing = [c for c in (IMAGE_COLUMN, "plate", "is_control") if c not in dataset.column_names]
+        if missing:
+            raise MissingColumnError(f"plate_statistics needs column(s) {missing}; dataset has {dataset.column_names}")
+    columns = dataset.select_columns([IMAGE_COLUMN, "plate", "is_control"])
+    controls: dict[str, _RunningMoments] = {}
+    everything: dict[str, _RunningMoments] = {}
+    rows = columns.iter(batch_size=64) if isinstance(columns, datasets.Dataset) else columns.iter(batch_size=64)
+    for batch in rows:
+        for image, plate, is_control in zip(batch[IMAGE_COLUMN], batch["plate"], batch["is_control"], strict=True):
+            pixels = decode_image(image)
+            everything.setdefault(plate, _RunningMoments()).add(pixels)
+            if source == "controls" and is_control:
+                controls.setdefault(plate, _RunningMoments()).add(pixels)
+    result = {}
+    for plate in sorted(everything):
+        if source == "controls" and plate in controls:
+            result[plate] = controls[plate].statistics(plate, "controls")
+        else:
+            if source == "controls":
+                logger.warning("plate %s has no control images; its statistics use all %d images", plate, everything[plate].images)
+            result[plate] = everything[plate].statistics(plate, "all")
+    if identity is not None:
+        _STATISTICS_MEMORY[key] = result
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        temporary = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_text(json.dumps({"source": source, "plates": {p: s.to_json() for p, s in result.items()}}))
+        os.replace(temporary, cache_file)  # atomic, so a concurrent reader never sees half a file
+    return dict(result)
+
+
+# --------------------------------------------------------------------------------------------
+# The normalisation
+# --------------------------------------------------------------------------------------------
 
 
 class PlateNormalization:

@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from .screen_data import decode_image
+from .image_io import decode_image
 
 __all__ = [
     "SingleDomainPolicy",

@@ -9,7 +9,7 @@ every other column a numeric feature. :func:`extract_embeddings` writes embeddin
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,8 @@ import numpy as np
 import pandas as pd
 from sklearn.decomposition import PCA
 
+from .embedding import pooled_embedding
+from .image_io import decode_image
 from .normalization import PlateNormalization
 
 logger = logging.getLogger(__name__)
@@ -25,7 +27,7 @@ METADATA_PREFIX = "Metadata_"
 EMBEDDING_PREFIX = "emb_"
 # Columns of a screen dataset that are pixels or bookkeeping, not per-image metadata.
 NON_METADATA_DATASET_COLUMNS = ("image", "channel_names")
-# The schema's plate column: plate_statistics() keys its results by it, whatever --plate_column says.
+# The schema's plate column: per-plate normalisation keys its statistics by it, whatever --plate_column says.
 PLATE_COLUMN = "plate"
 
 AGGREGATION_METHODS = ("mean", "median")
@@ -353,8 +355,6 @@ def _pixel_values(
 
 
 def _embed(model: Any, pixel_values: Any) -> np.ndarray:
-    from .embedding import pooled_embedding
-
     return pooled_embedding(model(pixel_values=pixel_values)).float().cpu().numpy()
 
 
@@ -385,7 +385,6 @@ def extract_embeddings(
     import torch
     from tqdm.auto import tqdm
 
-    from .screen_data import decode_image
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()

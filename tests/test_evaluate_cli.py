@@ -1,6 +1,5 @@
 """The evaluation command (training/evaluate_embeddings.py, cdcl-evaluate) end to end on the real BBBC021 crops, and the local `evaluate` metric module."""
 
-import importlib.util
 import json
 import subprocess
 import sys

@@ -7,7 +7,9 @@ import pandas as pd
 from hub_fixtures import hub_repo_id, hub_server  # noqa: F401  (fixtures; conftest may import them too)
 
 from cdcl_hf.dataset_builders import SKIPPED_ROWS_FILE, build_screen_dataset, folder_source
-from cdcl_hf.screen_data import decode_image, load_screen, plate_statistics, screen_channel_names
+from cdcl_hf.image_io import decode_image
+from cdcl_hf.normalization import plate_statistics
+from cdcl_hf.screen_data import load_screen, screen_channel_names
 
 datasets.disable_progress_bars()
 

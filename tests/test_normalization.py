@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from cdcl_hf import CDCLImageProcessor
-from cdcl_hf.normalization import PLATE_STD_FLOOR, PlateNormalization
-from cdcl_hf.screen_data import PlateStatistics, dataset_from_arrays
+from cdcl_hf.normalization import PLATE_STD_FLOOR, PlateNormalization, PlateStatistics
+from cdcl_hf.screen_data import dataset_from_arrays
 
 
 def _statistics(image: torch.Tensor) -> PlateStatistics:

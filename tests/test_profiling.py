@@ -216,8 +216,7 @@ def per_channel_processor(normalization):
 
 def test_per_channel_checkpoint_is_normalised_by_each_image_plate_as_in_training(tiny_screen, tiny_model):
     from cdcl_hf import CDCLImageProcessor
-    from cdcl_hf.normalization import PlateNormalization
-    from cdcl_hf.screen_data import plate_statistics
+    from cdcl_hf.normalization import PlateNormalization, plate_statistics
 
     dataset, images = tiny_screen
     training_normalization = PlateNormalization.from_screen(dataset, "plate_controls")

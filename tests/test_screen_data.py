@@ -1,10 +1,11 @@
-"""Schema, dataset_from_arrays / decode_image round trips, loading and per-plate statistics."""
+"""Schema, dataset_from_arrays / decode_image round trips, loading, and the per-plate statistics of a screen."""
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from cdcl_hf import screen_data
+from cdcl_hf import normalization, screen_data
+from cdcl_hf.normalization import plate_statistics
 from cdcl_hf.screen_data import (
     ImageShapeError,
     MissingColumnError,
@@ -14,7 +15,6 @@ from cdcl_hf.screen_data import (
     load_screen,
     parse_column_mapping,
     parse_column_selection,
-    plate_statistics,
     screen_channel_names,
 )
 
@@ -195,8 +195,8 @@ def test_plate_statistics_match_numpy_and_are_cached(uint16_images, tmp_path, mo
 
     # Second call: served from the cache file, not recomputed (decoding would now fail).
     assert len(list(tmp_path.glob("*.json"))) == 2
-    screen_data._STATISTICS_MEMORY.clear()
-    monkeypatch.setattr(screen_data, "decode_image", lambda value: (_ for _ in ()).throw(AssertionError("recomputed")))
+    normalization._STATISTICS_MEMORY.clear()
+    monkeypatch.setattr(normalization, "decode_image", lambda value: (_ for _ in ()).throw(AssertionError("recomputed")))
     again = plate_statistics(dataset, source="controls", cache_dir=tmp_path)
     np.testing.assert_array_equal(again["P0"].std, stats["P0"].std)
     # A different dataset (different fingerprint) is not served from that cache.

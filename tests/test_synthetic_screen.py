@@ -263,7 +263,8 @@ def test_config_for_num_images_is_close_to_the_request(requested):
 
 
 def test_dataset_round_trips_through_the_screen_schema():
-    from cdcl_hf.screen_data import decode_image, screen_channel_names
+    from cdcl_hf.image_io import decode_image
+    from cdcl_hf.screen_data import screen_channel_names
 
     config = dataclasses.replace(
         SMALL, num_batches=2, plates_per_batch=1, sites_per_well=1, moas=DEFAULT_MOAS[:2]

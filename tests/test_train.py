@@ -1,4 +1,4 @@
-"""training/train.py end to end: the README command, resume, 2 processes, real data, and refusals."""
+"""training/train.py (cdcl-train) end to end: the README command, resume, 2 processes, real data, and refusals."""
 
 import json
 import os
@@ -65,6 +65,8 @@ def test_readme_command_trains_and_saves_a_loadable_model(tmp_path):
     )
     output_dir = tmp_path / "outputs" / "cdcl-tiny-synthetic"
     assert "saved the teacher backbone" in result.stdout + result.stderr
+    # Logging is configured as in the HF examples: the main process's INFO lines reach the user.
+    assert "partner index: {'policy': 'same_domain', 'items': 936" in result.stderr
     summary = json.loads((output_dir / "training_summary.json").read_text())
     assert summary["finished"] and summary["global_step"] == 116  # 4 epochs x (936 images // batch 32)
 

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..image_io import decode_image
 from ..metrics import evaluate_profiles, results_markdown_table
 from ..normalization import PLATE_STATISTICS_SOURCES, PlateNormalization
 from ..profiling import (
@@ -45,7 +46,7 @@ from ..profiling import (
     split_profiles,
     write_profiles,
 )
-from ..screen_data import decode_image, load_screen, parse_column_mapping
+from ..screen_data import load_screen, parse_column_mapping
 from ..synthetic_screen import add_synthetic_screen_arguments, synthetic_screen_from_args
 
 logger = logging.getLogger("cdcl_hf.evaluate")

@@ -10,11 +10,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 
+from ..image_io import decode_image
 from ..methods import get_method
 from ..multicrop import MultiCropAugmentation
 from ..normalization import PlateNormalization
 from ..pairing import CrossDomainPairDataset, CrossDomainPairIterableDataset, EpochIndexSampler, PartnerIndex
-from ..screen_data import decode_image, load_screen, screen_channel_names
+from ..screen_data import load_screen, screen_channel_names
 from ..synthetic_screen import synthetic_screen_from_args
 
 __all__ = ["TrainData", "load_training_screen", "build_train_data"]
