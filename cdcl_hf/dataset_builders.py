@@ -23,6 +23,7 @@ import math
 import os
 import re
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,15 @@ import pandas as pd
 from huggingface_hub import DatasetCard, DatasetCardData
 
 from cdcl_hf.image_io import ChannelAxis, read_image
+from cdcl_hf.outputs import (
+    OUTPUT_MARKER,
+    OutputSafetyError,
+    check_output_not_an_input,
+    is_cdcl_output,
+    remove_stale_temporaries,
+    temporary_prefix,
+    write_output_marker,
+)
 from cdcl_hf.screen_data import (
     CHANNEL_NAMES_COLUMN,
     IMAGE_COLUMN,
@@ -60,6 +70,8 @@ logger = logging.getLogger(__name__)
 
 SKIPPED_ROWS_FILE = "skipped_rows.csv"
 CARD_FILE = "README.md"
+# The output marker's kind (cdcl_hf.outputs): only a folder marked so is ever replaced (--overwrite).
+OUTPUT_KIND = "screen_dataset"
 OnError = Literal["raise", "skip"]
 
 
@@ -87,6 +99,9 @@ class ScreenSource:
     channel_axis: ChannelAxis = "auto"
     # Rows rejected while reading the table (bad metadata): {label: reason}; honoured by on_error.
     rejected: dict[str, str] = field(default_factory=dict)
+    # The files and folders the layout was read from, by command-line flag ({"--image_root": path, ...}): an output
+    # that is, holds or lies inside one of them is refused (it could destroy the input).
+    inputs: dict[str, str] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,6 +241,9 @@ def folder_source(
         license=license,
         channel_axis=channel_axis,
         rejected=rejected,
+        # The CSV's folder, the default root, is not an input folder of its own: an output beside the CSV (screen/
+        # dataset next to screen/metadata.csv and screen/images/) is fine; the images' own folders are checked.
+        inputs={"--metadata_csv": str(csv_path), **({"--image_root": str(root)} if image_root is not None else {})},
     )
 
 
@@ -335,6 +353,7 @@ def bbbc021_source(
         citation=BBBC021_CITATION,
         channel_axis="first",
         rejected=rejected,
+        inputs={"--image_csv": str(image_csv), "--moa_csv": str(moa_csv), "--image_root": str(root)},
     )
 
 
@@ -415,6 +434,7 @@ def rxrx1_source(
         citation=RXRX1_CITATION,
         channel_axis="first",
         rejected=rejected,
+        inputs={"--root": str(root)},
     )
 
 
@@ -623,6 +643,110 @@ Rows skipped during the build: {len(skipped):,}{f" (listed in `{SKIPPED_ROWS_FIL
     return DatasetCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
 
 
+_ARROW_FILE = re.compile(r"data-\d{5}-of-\d{5}\.arrow")
+
+
+def _is_saved_screen_split(folder: Path) -> bool:
+    """A ``save_to_disk`` folder of one split with the screen schema, holding nothing else."""
+    if not folder.is_dir():
+        return False
+    names = {entry.name for entry in folder.iterdir()}
+    if not {"state.json", "dataset_info.json"} <= names:
+        return False
+    if any(not _ARROW_FILE.fullmatch(name) for name in names - {"state.json", "dataset_info.json"}):
+        return False
+    if any((folder / name).is_dir() for name in names):
+        return False
+    try:
+        features = json.loads((folder / "dataset_info.json").read_text()).get("features") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    return CHANNEL_NAMES_COLUMN in features and IMAGE_COLUMN in features
+
+
+def is_built_screen_dataset(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` is a screen dataset this package wrote, which ``--overwrite`` may replace.
+
+    True only when the folder holds exactly what ``cdcl-build-dataset`` writes: ``dataset_dict.json`` and one
+    ``save_to_disk`` folder per split it lists (``state.json``, ``dataset_info.json`` with the screen's ``image`` and
+    ``channel_names`` features, ``data-*.arrow`` shards, nothing else), ``README.md`` / ``skipped_rows.csv``, and
+    the output marker of kind ``"screen_dataset"``, or no marker at all (a dataset built by a cdcl-hf older than the
+    marker). Anything more (a user's notes, ``map`` caches, a marker of another kind) and the folder is not replaced.
+
+    Args:
+        folder (`str` or `os.PathLike`): The folder to look at.
+
+    Returns:
+        `bool`: Whether the folder may be replaced as a dataset this package wrote.
+    """
+    folder = Path(folder)
+    index = folder / "dataset_dict.json"
+    if not index.is_file():
+        return False
+    try:
+        splits = [str(name) for name in json.loads(index.read_text())["splits"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    names = {entry.name for entry in folder.iterdir()}
+    if not names <= {"dataset_dict.json", CARD_FILE, SKIPPED_ROWS_FILE, OUTPUT_MARKER, *splits}:
+        return False
+    if OUTPUT_MARKER in names and not is_cdcl_output(folder, OUTPUT_KIND):
+        return False
+    return bool(splits) and all(_is_saved_screen_split(folder / split) for split in splits)
+
+
+def check_output_dir(output: Path, source: ScreenSource, overwrite: bool) -> None:
+    """Refuse an output folder that could destroy data: one that is, holds or lies inside an input of ``source``
+    (its table, its image root, any folder of its images), a file, or a non-empty folder that is not a screen
+    dataset this package wrote (see :func:`is_built_screen_dataset`), whatever ``overwrite`` says.
+
+    Args:
+        output (`Path`): The resolved output folder.
+        source (`ScreenSource`): What the dataset is built from.
+        overwrite (`bool`): Whether an earlier screen dataset there may be replaced.
+
+    Raises:
+        OutputSafetyError: The output would overwrite or mix with an input or a folder the package did not write.
+        FileExistsError: The output is an earlier screen dataset and ``overwrite`` is false.
+    """
+    check_output_not_an_input(output, source.inputs)
+    # Images may lie outside the declared roots (absolute paths in the CSV, or the CSV's folder as the default
+    # root): an output that is or holds a folder of images is refused too (a few hundred folders for BBBC021's
+    # 39,600 files). A new output inside such a folder destroys nothing and is allowed.
+    folders: dict[str, ScreenRecord] = {}
+    for record in source.records:
+        for file in record.files:
+            if file:
+                folders.setdefault(os.path.dirname(os.path.abspath(file)), record)
+    for folder, record in folders.items():
+        if Path(folder).resolve().is_relative_to(output):
+            raise OutputSafetyError(
+                f"output folder {output} {'is' if Path(folder).resolve() == output else 'holds'} the folder {folder} "
+                f"of the screen's images ({record.label}: {record.files[0]}); writing there could destroy the images. "
+                "Choose an output folder that holds no input."
+            )
+    if not output.exists():
+        return
+    if not output.is_dir():
+        raise OutputSafetyError(f"output {output} is a file, not a folder; choose another --output_dir")
+    if not any(output.iterdir()):
+        return  # an empty folder: nothing to lose
+    if not is_built_screen_dataset(output):
+        what = (
+            "a screen dataset plus files cdcl-build-dataset did not write" if is_cdcl_output(output, OUTPUT_KIND)
+            else "another kind of cdcl-hf output" if is_cdcl_output(output)
+            else "files cdcl-build-dataset did not write"
+        )
+        raise OutputSafetyError(
+            f"output folder {output} holds {what}; it is never replaced, with or without --overwrite. "
+            "Choose a new or empty --output_dir."
+        )
+    if not overwrite:
+        raise FileExistsError(
+            f"output {output} already exists (a screen dataset); pass overwrite=True (--overwrite) to replace it"
+        )
+
+
 def _write_skip_list(path: Path, skipped: Mapping[str, str], files: Mapping[str, list[str]]) -> None:
     rows = [{"row": label, "files": ";".join(files.get(label, [])), "reason": reason} for label, reason in skipped.items()]
     pd.DataFrame(rows, columns=["row", "files", "reason"]).to_csv(path, index=False)
@@ -649,7 +773,11 @@ def build_screen_dataset(
     """Build, check and write a screen dataset from ``source``.
 
     ``output_dir``: written atomically (a temporary folder beside it is renamed into place at the
-    end, so an interrupted build leaves nothing that loads as complete). ``push_to_hub``: a repo
+    end, so an interrupted build leaves nothing that loads as complete; the next build there removes
+    what a killed one left), and marked as a cdcl-hf screen dataset. It is refused when it is, holds
+    or lies inside an input, or is a non-empty folder that is not a screen dataset this package wrote
+    (see :func:`check_output_dir`); an earlier screen dataset is replaced only with ``overwrite=True``,
+    and only once the new one is complete. ``push_to_hub``: a repo
     id to push parquet shards + card to. ``split_column``: hold out whole groups (values given by
     ``holdout_values``, or a random ``holdout_fraction`` of the groups) as ``holdout_split``;
     without either, one split per value. ``on_error="skip"``: bad rows are skipped and listed with
@@ -660,9 +788,9 @@ def build_screen_dataset(
         raise ValueError("give output_dir, push_to_hub or both")
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    output = Path(output_dir).resolve() if output_dir is not None else None
-    if output is not None and output.exists() and not overwrite:
-        raise FileExistsError(f"output {output} already exists; pass overwrite=True (--overwrite) to replace it")
+    output = Path(output_dir).expanduser().resolve() if output_dir is not None else None
+    if output is not None:
+        check_output_dir(output, source, overwrite)
 
     skipped: dict[str, str] = {}
     if source.rejected:
@@ -696,7 +824,10 @@ def build_screen_dataset(
 
     parent = output.parent if output is not None else Path.cwd()
     parent.mkdir(parents=True, exist_ok=True)
-    work_dir = parent / f".{output.name if output else 'screen'}.partial-{uuid.uuid4().hex[:8]}"
+    if output is not None:
+        remove_stale_temporaries(parent)  # what a killed build left beside the output
+    # Beside the output, so that the final rename stays on one file system.
+    work_dir = Path(tempfile.mkdtemp(prefix=temporary_prefix(), dir=parent))
     (work_dir / "skips").mkdir(parents=True)
     try:
         features = screen_features(source.extra_features)
@@ -736,6 +867,9 @@ def build_screen_dataset(
             card.save(staged / CARD_FILE)
             if on_error == "skip":
                 _write_skip_list(staged / SKIPPED_ROWS_FILE, skipped, files_by_label)
+            write_output_marker(staged, OUTPUT_KIND)
+            # Checked again just before the swap: the folder may have changed during a long build.
+            check_output_dir(output, source, overwrite)
             if output.exists():  # overwrite: move the old one aside first so the swap is two renames
                 retired = work_dir / "previous"
                 os.replace(output, retired)

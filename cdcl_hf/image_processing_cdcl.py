@@ -17,12 +17,20 @@ training set's statistics); `"per_image"` standardises each channel of each imag
 `"none"` leaves raw values.
 """
 
+import re
+
 import numpy as np
 import torch
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.processing_utils import ImagesKwargs
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 NORMALIZATION_MODES = ("per_channel", "per_image", "none")
+# The names a screen builder gives channels nobody named (channel_0, channel_1, ...): they say nothing about the stain.
+# (This file ships with every checkpoint and imports nothing from cdcl_hf, hence its own copy of the rule.)
+DEFAULT_CHANNEL_NAME = re.compile(r"channel_\d+")
 # Keeps constant (e.g. empty background) channels finite under per-image standardisation.
 STD_EPSILON = 1e-6
 
@@ -122,16 +130,30 @@ class CDCLImageProcessor(BaseImageProcessor):
         image_mean: list[float] | None = None,
         image_std: list[float] | None = None,
         input_data_format: str | None = None,
+        channel_names: list[str] | None = None,
         **kwargs,
     ) -> BatchFeature:
         """
-        Process one image or a batch. `normalization`, `image_mean` and `image_std` override the stored settings
-        for this call (e.g. per-plate statistics). `input_data_format` ("channels_first" / "channels_last")
-        resolves arrays whose layout is ambiguous.
+        Process one image or a batch.
+
+        Args:
+            images: One image or a batch, in any of the forms the module docstring lists.
+            return_tensors (`str`, *optional*): `"pt"`, `"np"`, ... as in transformers.
+            normalization (`str`, *optional*), image_mean (`list[float]`, *optional*), image_std (`list[float]`,
+                *optional*): Override the stored settings for this call (e.g. per-plate statistics).
+            input_data_format (`str`, *optional*): `"channels_first"` / `"channels_last"`, for arrays whose layout
+                is ambiguous.
+            channel_names (`list[str]`, *optional*): The images' channel names, in their stored order. Checked
+                against the processor's own `channel_names`: when both name their channels, they must be the same
+                names in the same order (a `ValueError` names both orders); reorder the images' channels to the
+                processor's order first. Unnamed on either side (`None`, or default names `channel_0`, ...): not
+                checked, and a warning says so once.
         """
         unknown = set(kwargs) - set(self.valid_kwargs.__annotations__)
         if unknown:
             raise TypeError(f"unexpected arguments for CDCLImageProcessor.preprocess: {sorted(unknown)}")
+        if channel_names is not None:
+            self._check_channel_names(list(channel_names))
         normalization = normalization or self.normalization
         image_mean = image_mean if image_mean is not None else self.image_mean
         image_std = image_std if image_std is not None else self.image_std
@@ -161,6 +183,30 @@ class CDCLImageProcessor(BaseImageProcessor):
             )
         pixel_values = torch.stack(processed).numpy()
         return BatchFeature(data={"pixel_values": pixel_values}, tensor_type=return_tensors)
+
+    def _check_channel_names(self, names: list[str]) -> None:
+        if len(names) != self.num_channels:
+            raise ValueError(
+                f"the images' channel names {names} are {len(names)}, but this processor expects {self.num_channels} "
+                f"channels {self.channel_names if self.channel_names is not None else ''}".rstrip()
+            )
+        own = self.channel_names
+        if not _named(own) or not _named(names):
+            unnamed = "this processor's channels" if not _named(own) else "the images' channels"
+            logger.warning_once(
+                f"{unnamed} are not named, so the images' channel order {names} is not checked against the "
+                f"processor's {own}"
+            )
+            return
+        if [str(name) for name in names] != [str(name) for name in own]:
+            hint = ""
+            if sorted(map(str, names)) == sorted(map(str, own)) and len(set(names)) == len(names):
+                order = [list(map(str, names)).index(str(name)) for name in own]
+                hint = f" (for channels-first arrays: image[{order}])"
+            raise ValueError(
+                f"the images' channels are {names} but this processor (and its model) expect {own}, in this order; "
+                f"reorder the images' channels to the processor's order{hint} before calling it"
+            )
 
     # ---- input handling -------------------------------------------------------------------------------------
 
@@ -299,6 +345,10 @@ def standardize_per_image(pixels: torch.Tensor) -> torch.Tensor:
     mean = pixels.mean(dim=(-2, -1), keepdim=True)
     std = pixels.std(dim=(-2, -1), keepdim=True, unbiased=False)
     return (pixels - mean) / (std + STD_EPSILON)
+
+
+def _named(names) -> bool:
+    return bool(names) and not all(DEFAULT_CHANNEL_NAME.fullmatch(str(name)) for name in names)
 
 
 def _size_dict(size, name: str) -> dict[str, int]:

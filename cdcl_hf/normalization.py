@@ -177,6 +177,8 @@ def plate_statistics(
             everything.setdefault(plate, _RunningMoments()).add(pixels)
             if source == "controls" and is_control:
                 controls.setdefault(plate, _RunningMoments()).add(pixels)
+    if not everything:
+        raise ValueError("the screen has no images to compute per-plate intensity statistics from")
     result = {}
     for plate in sorted(everything):
         if source == "controls" and plate in controls:
@@ -185,6 +187,8 @@ def plate_statistics(
             if source == "controls":
                 logger.warning("plate %s has no control images; its statistics use all %d images", plate, everything[plate].images)
             result[plate] = everything[plate].statistics(plate, "all")
+    for plate, statistics in result.items():  # before caching: NaN statistics must not be stored
+        _check_plate_statistics(plate, statistics.mean, statistics.std, statistics, PLATE_STD_FLOOR)
     if identity is not None:
         _STATISTICS_MEMORY[key] = result
         cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -192,6 +196,45 @@ def plate_statistics(
         temporary.write_text(json.dumps({"source": source, "plates": {p: s.to_json() for p, s in result.items()}}))
         os.replace(temporary, cache_file)  # atomic, so a concurrent reader never sees half a file
     return dict(result)
+
+
+_REPORTED_CONSTANT: set[tuple] = set()
+
+
+def _check_plate_statistics(
+    plate: str, mean: np.ndarray, std: np.ndarray, statistics: PlateStatistics | None, std_floor: float
+) -> None:
+    """Refuse statistics nothing can be normalised with; warn (once) about a channel constant over a plate.
+
+    A NaN or infinite mean / std (float pixels holding NaN, a corrupted cache) would turn every image of the plate
+    into NaN, and a plate of 0 images has no statistics at all: both raise. A std of 0 (at or below the floor) is
+    suspicious but not fatal: an empty stain or a saturated channel is constant; the floor keeps the normalised
+    pixels finite, but any image of the plate that differs from the constant is scaled by 1 / floor.
+    """
+    over = ""
+    if statistics is not None:
+        kind = "control " if statistics.source == "controls" else ""
+        over = f" over the plate's {statistics.num_images} {kind}image(s)"
+    if statistics is not None and statistics.num_images < 1:
+        raise ValueError(f"plate {plate!r} has no usable image to compute intensity statistics from; drop the plate "
+                         "or recompute the statistics on the screen being normalised")
+    for what, values in (("mean", mean), ("std", std)):
+        bad = np.flatnonzero(~np.isfinite(values))
+        if bad.size:
+            raise ValueError(
+                f"plate {plate!r}, channel {int(bad[0])}: intensity {what} is {values[bad[0]]}{over}; its images hold "
+                "NaN or infinite pixels (or the statistics are corrupted): fix or drop those images"
+            )
+    for channel in np.flatnonzero(std <= std_floor):
+        key = (plate, int(channel), float(mean[channel]), float(std[channel]))
+        if key in _REPORTED_CONSTANT:
+            continue
+        _REPORTED_CONSTANT.add(key)
+        logger.warning(
+            "plate %r, channel %d: constant intensity %g%s (std %g); the std floor %g keeps it finite, but check the "
+            "plate (an empty or saturated stain?)", plate, int(channel), float(mean[channel]), over,
+            float(std[channel]), std_floor,
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,6 +278,8 @@ class PlateNormalization:
             mean, std = np.asarray(mean, dtype=np.float64), np.asarray(std, dtype=np.float64)
             if mean.shape != std.shape or mean.ndim != 1:
                 raise ValueError(f"plate {plate!r}: mean and std must be per-channel vectors of one length")
+            _check_plate_statistics(str(plate), mean, std, value if isinstance(value, PlateStatistics) else None,
+                                    self.std_floor)
             self.statistics[str(plate)] = (mean, std)
             self._mean_std[str(plate)] = (
                 torch.as_tensor(mean.astype(np.float32)).view(-1, 1, 1),

@@ -31,6 +31,8 @@ __all__ = [
     "atomic_write_bytes",
     "staged_directory",
     "remove_stale_temporaries",
+    "temporary_prefix",
+    "fault_point",
 ]
 
 OUTPUT_MARKER = ".cdcl-hf-output.json"
@@ -106,12 +108,42 @@ def prepare_output_folder(folder: str | os.PathLike, kind: str, overwrite: bool 
     return folder
 
 
+def temporary_prefix() -> str:
+    """The name prefix of this process's temporaries, `.cdcl-hf-tmp-<pid>-`.
+
+    The process id lets `remove_stale_temporaries` tell a leftover of a killed run from the staging folder of a run
+    still in progress beside it (two evaluations writing `eval/a` and `eval/b` at once share the parent `eval/`).
+    """
+    return f"{TEMPORARY_PREFIX}{os.getpid()}-"
+
+
+def _written_by_a_running_process(name: str) -> bool:
+    """Whether the temporary `name` carries the id of a process that is still running (this one included)."""
+    pid, separator, _ = name[len(TEMPORARY_PREFIX) :].partition("-")
+    if not separator or not pid.isdigit():
+        return False  # no process id in the name (older cdcl-hf): a leftover
+    if int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: running
+        return True
+    return True
+
+
 def remove_stale_temporaries(folder: str | os.PathLike) -> None:
-    """Remove what interrupted runs left in `folder` (temporary files / folders this module names)."""
+    """Remove what interrupted runs left in `folder` (temporary files / folders this module names).
+
+    Temporaries of processes still running (see `temporary_prefix`) are left alone.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         return
     for leftover in folder.glob(f"{TEMPORARY_PREFIX}*"):
+        if _written_by_a_running_process(leftover.name):
+            continue
         if leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
         else:
@@ -122,8 +154,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` so that a reader sees the old file or the whole new one, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=TEMPORARY_PREFIX, dir=path.parent)
+    handle, temporary = tempfile.mkstemp(prefix=temporary_prefix(), dir=path.parent)
     try:
+        # mkstemp creates the file private (0600); give it the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)
             stream.flush()
@@ -149,12 +185,12 @@ def staged_directory(final: str | os.PathLike) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=TEMPORARY_PREFIX, dir=final.parent))
+    staging = Path(tempfile.mkdtemp(prefix=temporary_prefix(), dir=final.parent))
     try:
         yield staging
         retired = None
         if final.exists():
-            retired = Path(tempfile.mkdtemp(prefix=TEMPORARY_PREFIX, dir=final.parent))
+            retired = Path(tempfile.mkdtemp(prefix=temporary_prefix(), dir=final.parent))
             os.replace(final, retired / final.name)
         os.replace(staging, final)
         if retired is not None:
@@ -162,3 +198,16 @@ def staged_directory(final: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def fault_point(name: str) -> None:
+    """Fault injection for the kill-safety tests: with `CDCL_HF_FAULT=<name>` the process kills itself here.
+
+    `CDCL_HF_FAULT=<name>:TERM` sends SIGTERM (what schedulers send) instead of SIGKILL. Unset, this does nothing.
+    """
+    requested = os.environ.get("CDCL_HF_FAULT", "")
+    if not requested or requested.split(":")[0] != name:
+        return
+    import signal
+
+    os.kill(os.getpid(), signal.SIGTERM if requested.endswith(":TERM") else signal.SIGKILL)

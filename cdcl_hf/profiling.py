@@ -8,8 +8,12 @@ every other column a numeric feature. :func:`extract_embeddings` writes embeddin
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Iterable, Sequence
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +24,8 @@ from sklearn.decomposition import PCA
 from .embedding import pooled_embedding
 from .image_io import decode_image
 from .normalization import PlateNormalization
+from .outputs import temporary_prefix
+from .screen_data import CHANNEL_NAMES_COLUMN, looks_like_local_path
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +41,12 @@ CORRECTION_METHODS = ("none", "zscore", "mad", "tvn", "sphering")
 # Scale factor that makes the median absolute deviation a consistent estimator of the standard
 # deviation for normally distributed data (as pycytominer's "mad_robustize" uses).
 MAD_TO_STD = 1.4826
+# Names a builder gives channels nobody named (screen_data.default_channel_names): they say nothing about the stain.
+DEFAULT_CHANNEL_NAME = re.compile(r"channel_\d+")
+# A training run's output folder: its settings are written at the start, its summary ("finished") at the end.
+TRAINING_ARGS_FILE = "training_args.json"
+TRAINING_SUMMARY_FILE = "training_summary.json"
+PROCESSOR_FILE = "preprocessor_config.json"
 
 __all__ = [
     "METADATA_PREFIX",
@@ -48,8 +60,14 @@ __all__ = [
     "read_profiles",
     "aggregate_profiles",
     "correct_profiles",
+    "check_model_folder",
     "load_feature_extractor",
+    "default_processor",
+    "permute_normalization",
     "model_num_channels",
+    "model_channel_names",
+    "channels_are_named",
+    "match_channels",
     "check_channel_count",
     "extract_embeddings",
     "tile_offsets",
@@ -99,7 +117,15 @@ def write_profiles(profiles: pd.DataFrame, path: str | Path) -> Path:
     """Write a profile table to parquet (collected metadata such as batch lists become list columns)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    profiles.to_parquet(path, index=False)
+    # Written beside the target and renamed: a reader never sees half a parquet file.
+    handle, temporary = tempfile.mkstemp(prefix=temporary_prefix(), suffix=".parquet", dir=path.parent)
+    os.close(handle)
+    try:
+        profiles.to_parquet(temporary, index=False)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -191,7 +217,9 @@ def correct_profiles(
       the original feature axes and dimension. ``per_plate=True`` z-scores per plate first.
 
     A feature with zero spread among a plate's controls is only centred there (its scale is 1):
-    dividing by zero spread would create infinities. A plate without control raises ``ValueError``.
+    dividing by zero spread would create infinities. Standardising per plate (``"zscore"``, ``"mad"``,
+    ``per_plate=True``) needs at least two control profiles on every plate, to estimate a spread at all: a plate with
+    fewer raises ``ValueError`` naming it (and every other such plate).
     """
     if method not in CORRECTION_METHODS:
         raise ValueError(f"correction must be one of {CORRECTION_METHODS}, got {method!r}")
@@ -209,7 +237,10 @@ def correct_profiles(
     if method in ("zscore", "mad") or per_plate:
         _require_columns(profiles, [plate_column], f"correction {method!r}")
         robust = method == "mad"
-        matrix = _standardise_per_plate(matrix, profiles[plate_column].to_numpy(), is_control, robust)
+        matrix = _standardise_per_plate(
+            matrix, profiles[plate_column].to_numpy(), is_control, robust, f"correction {method!r}"
+            + (" with per_plate" if method not in ("zscore", "mad") else ""), control_column,
+        )
     if method == "tvn":
         n_components = min(int(is_control.sum()) - 1, matrix.shape[1])
         if n_components < 1:
@@ -224,19 +255,34 @@ def correct_profiles(
     return pd.concat([profiles[metadata_columns(profiles)], corrected], axis=1)
 
 
-def _standardise_per_plate(matrix: np.ndarray, plates: np.ndarray, is_control: np.ndarray, robust: bool) -> np.ndarray:
+def _standardise_per_plate(
+    matrix: np.ndarray, plates: np.ndarray, is_control: np.ndarray, robust: bool, what: str, control_column: str
+) -> np.ndarray:
+    # Every plate is checked before any is corrected, so that one message names all the plates to fix. One control
+    # gives no spread: the scale would silently become 1 and the plate would only be centred.
+    counts = {plate: int((is_control & (plates == plate)).sum()) for plate in pd.unique(plates)}
+    too_few = {plate: count for plate, count in counts.items() if count < 2}
+    if too_few:
+        listed = ", ".join(f"{plate!r} ({count})" for plate, count in list(too_few.items())[:10])
+        more = f" and {len(too_few) - 10} more" if len(too_few) > 10 else ""
+        zero = [plate for plate, count in too_few.items() if count == 0]
+        raise ValueError(
+            f"{what} standardises each plate against its negative controls, but plate(s) {listed}{more} have "
+            f"{'no negative control profile' if zero else 'fewer than 2 negative control profiles'} "
+            f"(counted in {control_column!r}; at least 2 per plate are needed to estimate a spread); evaluate at "
+            "image level (--profile_level image) for more controls per plate, correct without per-plate "
+            "standardisation (--correction tvn or sphering without --per_plate), or leave those plates out"
+        )
     corrected = np.empty_like(matrix)
-    for plate in pd.unique(plates):
+    for plate in counts:
         on_plate = plates == plate
         controls = matrix[on_plate & is_control]
-        if len(controls) == 0:
-            raise ValueError(f"plate {plate!r} has no negative control profile to standardise against")
         if robust:
             centre = np.median(controls, axis=0)
             scale = MAD_TO_STD * np.median(np.abs(controls - centre), axis=0)
         else:
             centre = controls.mean(axis=0)
-            scale = controls.std(axis=0, ddof=1) if len(controls) > 1 else np.zeros(matrix.shape[1])
+            scale = controls.std(axis=0, ddof=1)
         scale = np.where(scale > 0, scale, 1.0)
         corrected[on_plate] = (matrix[on_plate] - centre) / scale
     return corrected
@@ -258,26 +304,126 @@ def _zca_whiten(matrix: np.ndarray, is_control: np.ndarray, epsilon: float) -> n
 # ---------------------------------------------------------------------------------------------
 
 
+def check_model_folder(model_name_or_path: str | os.PathLike) -> Path | None:
+    """Refuse a local model folder that cannot be (or must not be) embedded with; returns it, or None for a Hub id.
+
+    Refused, each with one line saying what to do: a local path that does not exist (a name that can only be a path,
+    see :func:`cdcl_hf.screen_data.looks_like_local_path`, is never tried as a Hub id); a file; the output folder of a
+    training run that has not finished (``training_args.json`` without a ``training_summary.json`` that says
+    ``"finished": true``: the folder holds no final model, or an older one); a folder without ``config.json``.
+
+    Args:
+        model_name_or_path (`str` or `os.PathLike`):
+            What the user passed as the model.
+
+    Returns:
+        `Path` or `None`: The local folder, or `None` when ``model_name_or_path`` is a Hub id.
+    """
+    folder = Path(model_name_or_path).expanduser()
+    if not folder.exists():
+        if looks_like_local_path(model_name_or_path):
+            raise FileNotFoundError(
+                f"model {os.fspath(model_name_or_path)} does not exist (a local path, so it is not looked up on the "
+                "Hub); check the path"
+            )
+        return None
+    if not folder.is_dir():
+        raise NotADirectoryError(
+            f"model {folder} is a file; expected a checkpoint folder (config.json + weights) or a Hub model id"
+        )
+    if (folder / TRAINING_ARGS_FILE).is_file():
+        summary_file = folder / TRAINING_SUMMARY_FILE
+        try:
+            finished = bool(json.loads(summary_file.read_text()).get("finished")) if summary_file.is_file() else False
+        except (OSError, ValueError, AttributeError):
+            finished = False
+        if not finished:
+            state = "says it has not finished" if summary_file.is_file() else f"has no {TRAINING_SUMMARY_FILE} yet"
+            raise ValueError(
+                f"model {folder} is the output folder of a training run that has not finished ({state}); resume it "
+                f"(cdcl-train ... --output_dir {folder} --resume_from_checkpoint latest) and evaluate once it has "
+                "finished"
+            )
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model folder {folder} has no config.json, so it holds no model; pass a checkpoint folder written by "
+            "save_pretrained (a finished cdcl-train output folder) or a Hub model id"
+        )
+    return folder
+
+
 def load_feature_extractor(
-    model_name_or_path: str, trust_remote_code: bool = False, revision: str | None = None
+    model_name_or_path: str,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    allow_default_processor: bool = False,
 ) -> tuple[Any, Any]:
     """(model, image processor) from a CDCL checkpoint directory, a Hub id or any AutoModel checkpoint.
 
-    The processor is ``None`` when the checkpoint has none; :func:`extract_embeddings` then uses a
-    per-image-standardising :class:`~cdcl_hf.CDCLImageProcessor` at the model's image size.
+    Args:
+        model_name_or_path (`str`):
+            A checkpoint folder or a Hub model id (checked first with :func:`check_model_folder`).
+        trust_remote_code (`bool`, defaults to `False`):
+            Passed to the Auto classes.
+        revision (`str`, *optional*):
+            Hub branch, tag or commit.
+        allow_default_processor (`bool`, defaults to `False`):
+            A checkpoint without an image processor (no ``preprocessor_config.json``) is refused: its images would be
+            standardised per image, which is not what a model trained with per-plate statistics saw. With `True` the
+            processor is returned as ``None`` and :func:`extract_embeddings` uses a per-image-standardising
+            :class:`~cdcl_hf.CDCLImageProcessor` at the model's image size.
+
+    Returns:
+        `tuple`: The model and its image processor (or ``None``, see ``allow_default_processor``).
+
+    Raises:
+        FileNotFoundError, ValueError: A refused folder (see :func:`check_model_folder`) or a missing processor.
     """
     # The CDCL classes are registered with the Auto classes by cdcl_hf/__init__.py, already imported here.
-    from transformers import AutoImageProcessor, AutoModel
+    from transformers import AutoModel
 
+    folder = check_model_folder(model_name_or_path)
+    missing = (
+        f"checkpoint {model_name_or_path} has no {PROCESSOR_FILE}, so how its training normalised the images is "
+        "unknown; save the image processor it was trained with into it (CDCLImageProcessor(...).save_pretrained(...)), "
+        "or pass --allow_default_processor (allow_default_processor=True) to standardise each image on its own"
+    )
+    has_processor = folder is None or (folder / PROCESSOR_FILE).is_file()
+    if not has_processor and not allow_default_processor:
+        raise ValueError(missing)  # before the model is loaded: a refusal should cost nothing
     model = AutoModel.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code, revision=revision)
-    try:
-        processor = AutoImageProcessor.from_pretrained(
-            model_name_or_path, trust_remote_code=trust_remote_code, revision=revision
-        )
-    except (OSError, ValueError) as error:
-        logger.info("no image processor with %s (%s); using a default one", model_name_or_path, error)
-        processor = None
+    processor = None
+    if has_processor:
+        try:
+            processor = _load_processor(model_name_or_path, trust_remote_code, revision)
+        except OSError as error:
+            # A Hub repository without a processor; any other failure (a broken processor file) is the user's to see.
+            if folder is not None or PROCESSOR_FILE not in str(error):
+                raise
+            if not allow_default_processor:
+                raise ValueError(missing) from None
+    if processor is None:
+        logger.warning("checkpoint %s has no image processor; standardising each image on its own "
+                       "(--allow_default_processor)", model_name_or_path)
     return model, processor
+
+
+def _load_processor(model_name_or_path: str, trust_remote_code: bool, revision: str | None) -> Any:
+    """The checkpoint's image processor; a CDCL one whenever its config names the CDCL class.
+
+    A published 3-channel repository's preprocessor_config.json serves two loaders (see `cdcl_hf.publishing`): its
+    `auto_map` names the CDCL processor, its `image_processor_type` a stock one for the no-custom-code pipeline.
+    Without trust_remote_code `AutoImageProcessor` would pick the stock one, whose fixed 8-bit normalisation is not
+    what the model was trained with, so the installed CDCL class is used instead.
+    """
+    from transformers import AutoImageProcessor
+
+    from .image_processing_cdcl import CDCLImageProcessor
+
+    config, _ = CDCLImageProcessor.get_image_processor_dict(model_name_or_path, revision=revision)
+    if "CDCLImageProcessor" in str(config.get("auto_map", {}).get("AutoImageProcessor", "")):
+        return CDCLImageProcessor.from_pretrained(model_name_or_path, revision=revision)
+    return AutoImageProcessor.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code, revision=revision)
 
 
 def model_num_channels(model: Any) -> int | None:
@@ -285,21 +431,190 @@ def model_num_channels(model: Any) -> int | None:
     return getattr(getattr(model, "config", None), "num_channels", None)
 
 
-def check_channel_count(model: Any, processor: Any, num_channels: int) -> None:
-    """Raise ``ValueError`` when images of ``num_channels`` channels do not fit ``model`` or ``processor``."""
+def channels_are_named(names: Sequence[str] | None) -> bool:
+    """Whether ``names`` say which stain each channel is: not ``None``, not empty and not all default names
+    (``channel_0``, ``channel_1``, ... as the builder names channels nobody named)."""
+    return bool(names) and not all(DEFAULT_CHANNEL_NAME.fullmatch(str(name)) for name in names)
+
+
+def model_channel_names(model: Any, processor: Any = None) -> list[str] | None:
+    """The channel names a checkpoint was trained on, from its image processor or its config (``None`` if unnamed).
+
+    Raises:
+        ValueError: The processor and the config both name the channels, differently (an inconsistent checkpoint).
+    """
+    processor_names = getattr(processor, "channel_names", None)
+    config_names = getattr(getattr(model, "config", None), "channel_names", None)
+    if channels_are_named(processor_names) and channels_are_named(config_names):
+        if list(processor_names) != list(config_names):
+            raise ValueError(
+                f"the checkpoint is inconsistent: its image processor names the channels {list(processor_names)} "
+                f"but its config {list(config_names)}; fix channel_names in preprocessor_config.json or config.json"
+            )
+    for names in (processor_names, config_names):
+        if channels_are_named(names):
+            return [str(name) for name in names]
+    return None
+
+
+_REPORTED_UNNAMED: set[tuple] = set()
+
+
+def _report_unnamed_once(data_names: Sequence[str] | None, model_names: Sequence[str] | None, where: str) -> None:
+    key = (tuple(data_names or ()), tuple(model_names or ()), where)
+    if key in _REPORTED_UNNAMED:
+        return
+    _REPORTED_UNNAMED.add(key)
+    if model_names is None and channels_are_named(data_names):
+        logger.warning("the model does not name its channels, so the order of the channels of %s %s is not checked",
+                       where, list(data_names))
+    elif model_names is not None:
+        logger.warning("the channels of %s are not named, so they are taken to be in the model's order %s without a "
+                       "check (name them to have the order checked)", where, list(model_names))
+
+
+def _order_hint(data_names: Sequence[str], model_names: Sequence[str]) -> str:
+    if sorted(data_names) == sorted(model_names) and len(set(data_names)) == len(data_names):
+        return f"reorder them with --channel_order {' '.join(model_names)} (channel_order= in Python)"
+    return ("say which of them feeds each model channel with --channel_order NAME_OR_INDEX ... (in the model's order), "
+            "or rename them with --channel_map DATA_NAME=MODEL_NAME ... (channel_order= / channel_map= in Python)")
+
+
+def match_channels(
+    model: Any,
+    processor: Any,
+    num_channels: int,
+    channel_names: Sequence[str] | None = None,
+    channel_map: Mapping[str, str] | None = None,
+    channel_order: Sequence[str | int] | None = None,
+    where: str = "the dataset",
+) -> list[int] | None:
+    """Check that images of ``num_channels`` channels named ``channel_names`` fit a model, or say how to reorder them.
+
+    Without ``channel_map`` / ``channel_order`` the data must have the model's channel count and, when both sides
+    name their channels, the model's names in the model's order: any difference raises, naming both orders. A side
+    whose channels are unnamed (``None`` or default names) is not checked; that is logged once.
+
+    Args:
+        model, processor:
+            The checkpoint (see :func:`model_channel_names`, :func:`model_num_channels`); ``processor`` may be ``None``.
+        num_channels (`int`):
+            The images' channel count, as stored.
+        channel_names (`Sequence[str]`, *optional*):
+            The images' channel names, in stored order (a screen's ``channel_names`` column).
+        channel_map (`Mapping[str, str]`, *optional*):
+            ``{data name: model name}``: renames data channels (unmapped ones keep their names); the renamed channels
+            must be exactly the model's, and are reordered to the model's order.
+        channel_order (`Sequence[str | int]`, *optional*):
+            The data channels (names, or 0-based indices) that feed the model's channels, in the model's order; may
+            leave data channels out.
+        where (`str`, defaults to `"the dataset"`):
+            What the images are, for messages.
+
+    Returns:
+        `list[int]` or `None`: Indices of the stored channels in the model's order (``image[order]``), or ``None``
+        when the images are already in the model's order.
+
+    Raises:
+        ValueError: The channels do not fit, or the options are inconsistent; the message names both orders.
+    """
+    model_names = model_channel_names(model, processor)
+    data_names = [str(name) for name in channel_names] if channel_names is not None else None
+    if data_names is not None and len(data_names) != num_channels:
+        raise ValueError(f"{len(data_names)} channel names {data_names} are given for {where}, but its images have "
+                         f"{num_channels} channels")
+    if channel_map and channel_order:
+        raise ValueError("give either a channel map (--channel_map) or a channel order (--channel_order), not both")
+    order: list[int] | None = None
+    if channel_order:
+        order = []
+        for entry in channel_order:
+            text = str(entry)
+            if data_names is not None and text in data_names:
+                order.append(data_names.index(text))
+            elif text.isdigit() and int(text) < num_channels:
+                order.append(int(text))
+            else:
+                known = f"names {data_names} or " if data_names is not None else ""
+                raise ValueError(
+                    f"channel order entry {text!r} is not a channel of {where} (its {known}indices 0..{num_channels - 1})"
+                )
+        if len(set(order)) != len(order):
+            raise ValueError(f"channel order {list(channel_order)} uses a channel of {where} more than once")
+    elif channel_map:
+        if not channels_are_named(data_names) or model_names is None:
+            raise ValueError(
+                f"a channel map needs named channels on both sides, but those of {where} are {data_names} and the model's "
+                f"{model_names}; give the order instead (--channel_order NAME_OR_INDEX ...)"
+            )
+        unknown = [name for name in channel_map if name not in data_names]
+        if unknown:
+            raise ValueError(f"the channel map names {unknown}, which are not channels of {where}: {data_names}")
+        renamed = [channel_map.get(name, name) for name in data_names]
+        if sorted(renamed) != sorted(model_names) or len(set(renamed)) != len(renamed):
+            raise ValueError(
+                f"after the channel map {dict(channel_map)}, the channels of {where} are {renamed} but the model's are "
+                f"{model_names}; map every data channel onto a different model channel"
+            )
+        order = [renamed.index(name) for name in model_names]
+    elif model_names is not None and channels_are_named(data_names):
+        _check_counts(model, processor, num_channels, where)
+        if data_names != model_names:
+            raise ValueError(
+                f"the channels of {where} are {data_names} but the model was trained on {model_names}, in this order; "
+                f"{_order_hint(data_names, model_names)}"
+            )
+        return None
+    else:
+        _report_unnamed_once(data_names if channels_are_named(data_names) else None, model_names, where)
+    _check_counts(model, processor, len(order) if order is not None else num_channels, where)
+    if order is None or order == list(range(num_channels)):
+        return None
+    chosen = [data_names[i] for i in order] if data_names is not None else order
+    key = ("order", tuple(map(str, chosen)), tuple(model_names or ()), where)
+    if key not in _REPORTED_UNNAMED:  # once, though evaluation checks before extracting and extraction again
+        _REPORTED_UNNAMED.add(key)
+        logger.info("feeding the channels %s of %s to the model's channels %s", chosen, where,
+                    model_names if model_names is not None else list(range(len(order))))
+    return order
+
+
+def _check_counts(model: Any, processor: Any, num_channels: int, where: str) -> None:
     expected = model_num_channels(model)
     if expected is not None and num_channels != expected:
         raise ValueError(
-            f"the dataset's images have {num_channels} channels but the model expects {expected}; "
-            "use a checkpoint trained on this stain set or rebuild the patch embedding "
-            "(CDCLModel.from_vit_checkpoint(..., num_channels=...))"
+            f"the images of {where} have {num_channels} channels but the model expects {expected}; "
+            "use a checkpoint trained on this stain set, choose the model's channels with --channel_order, or rebuild "
+            "the patch embedding (CDCLModel.from_vit_checkpoint(..., num_channels=...))"
         )
     processor_channels = getattr(processor, "num_channels", None)
     if processor_channels is not None and num_channels != processor_channels:
         raise ValueError(
-            f"the dataset's images have {num_channels} channels but the checkpoint's image processor expects "
+            f"the images of {where} have {num_channels} channels but the checkpoint's image processor expects "
             f"{processor_channels}"
         )
+
+
+def check_channel_count(model: Any, processor: Any, num_channels: int, channel_names: Sequence[str] | None = None) -> None:
+    """Raise ``ValueError`` when images of ``num_channels`` channels (named ``channel_names``, in stored order) do not
+    fit ``model`` or ``processor``: another channel count, or, both sides named, other names or another order.
+
+    :func:`match_channels` without a map or an order; use that to reorder.
+    """
+    match_channels(model, processor, num_channels, channel_names)
+
+
+def permute_normalization(normalization: PlateNormalization | None, order: Sequence[int] | None):
+    """``normalization`` (statistics per stored channel) for images whose channels were reordered by ``order``."""
+    if normalization is None or order is None or not normalization.per_plate:
+        return normalization
+    index = list(order)
+    return PlateNormalization(
+        normalization.mode,
+        {plate: (mean[index], std[index]) for plate, (mean, std) in normalization.statistics.items()},
+        std_floor=normalization.std_floor,
+        plate_column=normalization.plate_column,
+    )
 
 
 def tile_offsets(length: int, tile: int, stride: int) -> list[int]:
@@ -324,7 +639,8 @@ def _tiles(image: np.ndarray, tile_size: int | None, tile_stride: int | None) ->
     ]
 
 
-def _default_processor(model: Any, num_channels: int) -> Any:
+def default_processor(model: Any, num_channels: int) -> Any:
+    """A per-image-standardising `CDCLImageProcessor` at the model's image size, for a checkpoint without one."""
     from .image_processing_cdcl import CDCLImageProcessor
 
     image_size = getattr(model.config, "image_size", 224)
@@ -368,6 +684,8 @@ def extract_embeddings(
     tile_stride: int | None = None,
     progress: bool = True,
     normalization: PlateNormalization | None = None,
+    channel_map: Mapping[str, str] | None = None,
+    channel_order: Sequence[str | int] | None = None,
 ) -> pd.DataFrame:
     """Embed every image of a screen dataset; one row per image, metadata as ``Metadata_*`` columns.
 
@@ -377,14 +695,19 @@ def extract_embeddings(
     ``tile_stride`` pixels (default: non-overlapping, the last tile flush with the edge); the image's
     embedding is the mean of its tiles' embeddings (multi-crop averaging for large fields).
     ``normalization``: a per-plate `cdcl_hf.normalization.PlateNormalization` (see
-    `PlateNormalization.for_processor`); each image is then processed with its plate's ``image_mean`` /
-    ``image_std``, as training normalised it. Runs on ``device`` (default: CUDA when available), in inference mode, with a tqdm
-    progress bar (a streamed dataset has no length, so the bar only counts).
-    Raises ``ValueError`` when the images' channel count differs from the model's.
+    `PlateNormalization.for_processor`), with statistics per channel as the screen stores them; each image is then
+    processed with its plate's ``image_mean`` / ``image_std``, as training normalised it. Runs on ``device``
+    (default: CUDA when available), in inference mode, with a tqdm progress bar (a streamed dataset has no length, so
+    the bar only counts).
+
+    Channels: the screen's ``channel_names`` are checked against the model's (:func:`match_channels`): another
+    count, or other names or order when both sides name them, raises ``ValueError`` naming both orders, unless
+    ``channel_map`` (``{data name: model name}``) or ``channel_order`` (data channels in the model's order) says
+    how the screen's channels feed the model's; the images (and the normalisation statistics) are then reordered.
+    Every row must carry the first row's channel names.
     """
     import torch
     from tqdm.auto import tqdm
-
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
@@ -392,13 +715,29 @@ def extract_embeddings(
 
     embeddings: list[np.ndarray] = []
     metadata_rows: list[dict[str, Any]] = []
+    reference: tuple[int, list[str] | None] | None = None  # the first row's channel count and names
+    order: list[int] | None = None
     with torch.inference_mode(), tqdm(total=total, desc="embedding", unit="img", disable=not progress) as bar:
         for batch in dataset.iter(batch_size=batch_size):
             images = [decode_image(value) for value in batch["image"]]
-            channels = images[0].shape[0]
-            check_channel_count(model, processor, channels)
+            names = batch.get(CHANNEL_NAMES_COLUMN)
+            if reference is None:
+                first_names = list(names[0]) if names is not None and names[0] is not None else None
+                reference = (images[0].shape[0], first_names)
+                order = match_channels(model, processor, images[0].shape[0], first_names, channel_map, channel_order)
+                normalization = permute_normalization(normalization, order)
+            for index, image in enumerate(images):
+                row_names = list(names[index]) if names is not None and names[index] is not None else None
+                if image.shape[0] != reference[0] or row_names != reference[1]:
+                    raise ValueError(
+                        f"dataset row {len(embeddings) + index} has {image.shape[0]} channels {row_names}, but the "
+                        f"first row {reference[0]} channels {reference[1]}; every row of a screen must store the "
+                        "same channels in the same order"
+                    )
+            if order is not None:
+                images = [image[order] for image in images]
             if processor is None:
-                processor = _default_processor(model, channels)
+                processor = default_processor(model, images[0].shape[0])
             tiles_per_image = [_tiles(image, tile_size, tile_stride) for image in images]
             flat_tiles = [tile for tiles in tiles_per_image for tile in tiles]
             tile_plates = None

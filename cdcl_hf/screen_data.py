@@ -150,6 +150,14 @@ def parse_column_mapping(pairs: Iterable[str] | None) -> dict[str, str]:
     return _parse_pairs(pairs, "THEIRS=STANDARD (e.g. Metadata_Plate=plate)")
 
 
+def parse_channel_map(pairs: Iterable[str] | None) -> dict[str, str]:
+    """``["DAPI=DNA", ...]`` (command-line ``DATA=MODEL``) -> ``{"DAPI": "DNA"}``: the data's channel names renamed
+    to the model's (``channel_map`` of :func:`cdcl_hf.profiling.match_channels`). Errors as in
+    :func:`parse_column_mapping`.
+    """
+    return _parse_pairs(pairs, "DATA=MODEL channel names (e.g. DAPI=DNA)")
+
+
 def parse_column_selection(pairs: Iterable[str] | None) -> dict[str, list[str]]:
     """``["plate=P1,P2", ...]`` (command-line ``COLUMN=V1,V2``) -> ``{"plate": ["P1", "P2"]}``.
 
@@ -383,6 +391,38 @@ def screen_channel_names(dataset: datasets.Dataset | datasets.IterableDataset | 
 # --------------------------------------------------------------------------------------------
 
 
+# Suffixes of files a command reads or writes; a Hub repository name ending in one is not plausible.
+_FILE_SUFFIXES = frozenset(
+    ".arrow .bin .csv .gz .h5 .json .jsonl .md .npy .npz .parquet .pkl .png .pt .pth .safetensors .tar .tif .tiff "
+    ".tsv .txt .yaml .yml .zip".split()
+)
+
+
+def looks_like_local_path(name: str | os.PathLike) -> bool:
+    """Whether ``name`` can only mean a local file or folder, never a Hub repository id.
+
+    True for a ``Path``, and for a string that starts with ``.``, ``/`` or ``~``, contains a backslash, has more
+    than one ``/`` (Hub ids are ``name`` or ``org/name``) or ends in a file suffix (``.csv``, ``.parquet``, ...).
+    Such a name that does not exist is a typo to report, not a repository to look up on the Hub.
+
+    Args:
+        name (`str` or `os.PathLike`):
+            What the user passed (``--model``, ``--dataset_name``).
+
+    Returns:
+        `bool`: Whether ``name`` is a local path.
+    """
+    if isinstance(name, os.PathLike):
+        return True
+    text = str(name)
+    return (
+        text.startswith((".", "/", "~"))
+        or "\\" in text
+        or text.count("/") > 1
+        or Path(text).suffix.lower() in _FILE_SUFFIXES
+    )
+
+
 def _is_saved_dataset(path: Path) -> bool:
     return any((path / name).is_file() for name in ("dataset_dict.json", "dataset_info.json", "state.json"))
 
@@ -431,8 +471,13 @@ def load_screen(
     standard names (``{"Metadata_Plate": "plate"}``) before the required columns are checked.
     Decode pixels with :func:`decode_image`.
     """
-    path = Path(name_or_path)
+    path = Path(name_or_path).expanduser()
     column_mapping = dict(column_mapping or {})
+    if not path.exists() and looks_like_local_path(name_or_path):
+        raise FileNotFoundError(
+            f"dataset {os.fspath(name_or_path)} does not exist (a local path, so it is not looked up on the Hub); "
+            "check the path"
+        )
     if path.is_dir() and _is_saved_dataset(path):
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict) and split is not None:
@@ -452,9 +497,15 @@ def load_screen(
     elif path.exists() and not path.is_dir():
         raise ScreenDataError(f"{path} is a file; expected a dataset folder or a Hub dataset id")
     else:
-        loaded = datasets.load_dataset(
-            str(name_or_path), split=split, streaming=streaming, revision=revision, cache_dir=cache_dir, token=token
-        )
+        try:
+            loaded = datasets.load_dataset(
+                str(name_or_path), split=split, streaming=streaming, revision=revision, cache_dir=cache_dir,
+                token=token,
+            )
+        except datasets.exceptions.DatasetNotFoundError as error:
+            raise FileNotFoundError(
+                f"{name_or_path} is neither a local dataset folder nor a dataset on the Hub ({error})"
+            ) from error
     if column_mapping:
         if isinstance(loaded, datasets.IterableDatasetDict):
             loaded = datasets.IterableDatasetDict(

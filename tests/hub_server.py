@@ -14,8 +14,13 @@ on 127.0.0.1 without internet. It speaks the parts of the Hub HTTP API the clien
 * downloads: ``HEAD|GET /{prefix}{id}/resolve/{rev}/{path}`` with ``X-Repo-Commit``, ``ETag``,
   ``X-Linked-Etag``/``X-Linked-Size`` for LFS files and HTTP ``Range`` support (streaming reads).
 
-Every commit is kept, so a revision may be a branch name or any commit sha. Errors carry the
-``X-Error-Code`` header the client maps to ``RepositoryNotFoundError`` & co.
+Every commit is kept, so a revision may be a branch name, a pull-request ref (``refs/pr/<n>``, made by
+``POST .../commit/{rev}?create_pr=1``) or any commit sha. Errors carry the ``X-Error-Code`` header the
+client maps to ``RepositoryNotFoundError`` & co.
+
+For tests of failure handling, ``state.faults["commit"] = n`` makes the next ``n`` commit requests fail
+with a 500 after the body was read (``"lfs_upload"``: the next ``n`` LFS uploads), and
+``state.authorizations`` records the ``Authorization`` header of every request.
 
 Usage::
 
@@ -117,6 +122,17 @@ class HubState:
         self.repos: dict[tuple[str, str], Repo] = {}
         self.lfs_objects: dict[str, bytes] = {}
         self.requests: list[tuple[str, str]] = []  # (method, path): lets tests check what the client did
+        self.authorizations: list[str] = []  # the Authorization header of every request (which token was sent)
+        # Fault injection: endpoint name ("commit", "lfs_upload") -> how many of the next requests fail with a 500.
+        self.faults: dict[str, int] = {}
+
+    def take_fault(self, name: str) -> bool:
+        """Whether the next request to the endpoint `name` must fail (and count it)."""
+        remaining = self.faults.get(name, 0)
+        if remaining > 0:
+            self.faults[name] = remaining - 1
+            return True
+        return False
 
     def repo(self, repo_type: str, repo_id: str) -> Repo:
         repo = self.repos.get((repo_type, repo_id))
@@ -186,6 +202,8 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         body = self._body() if self.command in ("POST", "PUT", "DELETE") else b""
         with self.state.lock:
             self.state.requests.append((self.command, url.path))
+            if self.headers.get("Authorization"):
+                self.state.authorizations.append(self.headers["Authorization"])
         try:
             with self.state.lock:
                 self._route(url.path, query, body)
@@ -249,8 +267,10 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         if action == "branch" and self.command == "POST":
             return self._create_branch(repo, revision, json.loads(body or b"{}"))
         if action == "refs" and self.command == "GET":
-            branches = [{"name": n, "ref": f"refs/heads/{n}", "targetCommit": o} for n, o in repo.branches.items()]
-            return self._json({"branches": branches, "tags": [], "converts": []})
+            branches = [{"name": n, "ref": f"refs/heads/{n}", "targetCommit": o}
+                        for n, o in repo.branches.items() if not n.startswith("refs/pr/")]
+            pulls = [{"name": n, "ref": n, "targetCommit": o} for n, o in repo.branches.items() if n.startswith("refs/pr/")]
+            return self._json({"branches": branches, "tags": [], "converts": [], "pullRequests": pulls})
         raise HubError(404, f"unsupported repo action {self.command} {action!r}")
 
     # ---- repos ------------------------------------------------------------------------------
@@ -356,14 +376,17 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         self._send(200, json.dumps({"transfer": "basic", "objects": objects}).encode(), content_type="application/vnd.git-lfs+json")
 
     def _lfs_put(self, oid: str, body: bytes) -> None:
+        if self.state.take_fault("lfs_upload"):
+            raise HubError(500, "injected fault: the LFS storage failed while receiving the upload")
         if hashlib.sha256(body).hexdigest() != oid:
             raise HubError(400, f"uploaded content does not match sha256 {oid}")
         self.state.lfs_objects[oid] = body
         self._send(200)
 
     def _commit(self, repo: Repo, revision: str, body: bytes, query: dict[str, str]) -> None:
-        if query.get("create_pr"):
-            raise HubError(400, "pull requests are not supported by the test hub")
+        if self.state.take_fault("commit"):
+            # The body has been read: a server that dies while applying a commit.
+            raise HubError(500, "injected fault: the server failed while applying the commit")
         if revision not in repo.branches:
             raise HubError(404, f"branch {revision!r} not found", "RevisionNotFound")
         head = repo.commits[repo.branches[revision]]
@@ -398,9 +421,16 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                 raise HubError(400, f"unsupported commit operation {key!r}")
         oid = hashlib.sha1(f"{head.oid}{uuid.uuid4()}".encode()).hexdigest()
         repo.commits[oid] = Commit(oid, title, files, _now())
-        repo.branches[revision] = oid
-        url = f"{self._base_url()}/{URL_PREFIXES[repo.repo_type]}{repo.repo_id}/commit/{oid}"
-        self._json({"commitUrl": url, "commitOid": oid, "pullRequestUrl": None, "success": True})
+        pull_request = None
+        if query.get("create_pr") in ("1", "true", "True"):
+            # A pull request is a ref of its own whose commit sits on the target branch's head; the branch is unchanged.
+            pull_request = 1 + sum(name.startswith("refs/pr/") for name in repo.branches)
+            repo.branches[f"refs/pr/{pull_request}"] = oid
+        else:
+            repo.branches[revision] = oid
+        repo_url = f"{self._base_url()}/{URL_PREFIXES[repo.repo_type]}{repo.repo_id}"
+        pr_url = f"{repo_url}/discussions/{pull_request}" if pull_request else None
+        self._json({"commitUrl": f"{repo_url}/commit/{oid}", "commitOid": oid, "pullRequestUrl": pr_url, "success": True})
 
     # ---- downloads --------------------------------------------------------------------------
 

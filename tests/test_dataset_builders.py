@@ -19,6 +19,7 @@ from cdcl_hf.dataset_builders import (
     folder_source,
     rxrx1_source,
 )
+from cdcl_hf.outputs import OUTPUT_MARKER, OutputSafetyError
 from cdcl_hf.screen_data import (
     DuplicateRowError,
     ImageReadError,
@@ -178,6 +179,11 @@ def rxrx1_tree(root: Path) -> dict[str, np.ndarray]:
 
 def test_rxrx1_layout(tmp_path):
     pixels = rxrx1_tree(tmp_path / "rxrx1")
+    before = sorted(p.name for p in (tmp_path / "rxrx1").rglob("*"))
+    for inside in (tmp_path / "rxrx1", tmp_path / "rxrx1" / "dataset", tmp_path):  # is, lies inside, holds the root
+        with pytest.raises(OutputSafetyError, match="input --root"):
+            build_screen_dataset(rxrx1_source(tmp_path / "rxrx1"), inside, overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "rxrx1").rglob("*")) == before
     result = build_screen_dataset(rxrx1_source(tmp_path / "rxrx1"), tmp_path / "out", split_column="dataset")
     assert set(result.dataset) == {"train", "test"}
     assert result.dtype == "uint8" and result.image_shape == (6, 16, 16)
@@ -290,6 +296,7 @@ def test_interrupted_build_leaves_no_dataset_and_keeps_the_old_one(tmp_path, mon
     assert not (tmp_path / "new").exists()
     assert load_screen(tmp_path / "out").num_rows == 4  # the previous build is untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "s"]
+    assert (tmp_path / "out" / OUTPUT_MARKER).is_file()  # marked: a later --overwrite may replace it
     with pytest.raises(FileExistsError, match="already exists"):
         build_screen_dataset(folder_source(csv), tmp_path / "out")
 
@@ -308,8 +315,9 @@ def test_cli_builds_and_reports_errors(tmp_path, capsys):
     assert len(loaded.cache_files) == 2
     assert "license: cc-by-4.0" in (tmp_path / "out" / "README.md").read_text()
     (tmp_path / "s" / "images" / "field_1.npy").unlink()
-    code = build_dataset.main(["folder", "--metadata_csv", str(csv), "--output_dir", str(tmp_path / "out2")])
-    assert code == 1 and "line 3: image file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        build_dataset.main(["folder", "--metadata_csv", str(csv), "--output_dir", str(tmp_path / "out2")])
+    assert exit_info.value.code.startswith("cdcl-build-dataset: error: metadata.csv line 3: image file")
 
 
 def test_hub_script_runs_the_command(tmp_path):

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import tifffile
 import torch
@@ -81,7 +82,11 @@ def test_16_bit_png_pgm_and_per_channel_files_keep_their_values(checkpoint, tmp_
     embeddings = np.load(tmp_path / "emb.npy")
     assert embeddings.dtype == np.float32 and embeddings.shape == (3, 64)
     np.testing.assert_allclose(embeddings[1:], embeddings[[0, 0]], rtol=1e-5, atol=1e-6)
-    assert sorted(p.name for p in tmp_path.glob("*emb*")) == ["emb.npy"]  # no partial file left
+    # Each row names its file(s): one .npy, then the two channel groups (their files joined by ";").
+    rows = pd.read_csv(tmp_path / "emb.files.csv", dtype=str)
+    assert rows["file"].tolist() == [str(tmp_path / "a.npy"), ";".join(map(str, channels)), ";".join(map(str, pgm))]
+    assert sorted(p.name for p in tmp_path.iterdir() if "emb" in p.name or p.name.startswith(".")) == [
+        "emb.files.csv", "emb.npy"]  # no partial file left
 
 
 def test_unreadable_or_mismatched_images_fail_naming_the_file(checkpoint, tmp_path, capsys):
@@ -92,12 +97,12 @@ def test_unreadable_or_mismatched_images_fail_naming_the_file(checkpoint, tmp_pa
     (tmp_path / "cut.png").write_bytes(encoded.getvalue()[:100])
     np.save(tmp_path / "five.npy", np.zeros((5, 32, 32), dtype=np.uint16))
 
-    for bad, message in [("cut.png", r"cannot read image file .*cut\.png"), ("five.npy", r"five\.npy: .*expected 3 channels")]:
-        code = embed.main(["--model", str(checkpoint), "--images", str(tmp_path / "good.npy"), str(tmp_path / bad),
-                           "--output", str(tmp_path / "emb.npy")])
-        assert code == 1
-        assert re.search(message, capsys.readouterr().err)
-        assert not list(tmp_path.glob("*emb*"))  # neither the output nor a partial file
+    for bad, message in [("cut.png", r"cannot read image file .*cut\.png"), ("five.npy", r"five\.npy: 5 channels")]:
+        with pytest.raises(SystemExit) as exit_info:
+            embed.main(["--model", str(checkpoint), "--images", str(tmp_path / "good.npy"), str(tmp_path / bad),
+                        "--output", str(tmp_path / "emb.npy")])
+        assert re.search(f"^cdcl-embed: error: .*{message}", str(exit_info.value.code))
+        assert not [p for p in tmp_path.iterdir() if "emb" in p.name or p.name.startswith(".")]  # no partial file
 
 
 def test_images_are_read_while_embedding_not_all_first():

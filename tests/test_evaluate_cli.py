@@ -71,8 +71,9 @@ def crops_evaluation(tiny_checkpoint, bbbc021_crops_dataset, tmp_path_factory):
 def test_cli_end_to_end_on_real_crops(crops_evaluation):
     output_dir = crops_evaluation
     for name in ("profiles_image.parquet", "profiles_well.parquet", "profiles_evaluated.parquet", "results.json",
-                 "results.md", "projection_batch_moa.png"):
+                 "results.md", "projection_batch_moa.png", ".cdcl-hf-output.json"):
         assert (output_dir / name).is_file(), name
+    assert [p.name for p in output_dir.parent.iterdir()] == ["out"]  # the staging folder was swapped in, not left
 
     report = json.loads((output_dir / "results.json").read_text())
     assert report["input_normalization"] == "per_plate:controls"  # default --plate_normalization
@@ -127,9 +128,10 @@ def test_cli_streams_a_screen_with_its_own_column_names(
 
 
 def test_cli_refuses_a_model_with_the_wrong_channel_count(bbbc021_crops_dataset, tmp_path):
-    from cdcl_hf import CDCLConfig, CDCLModel
+    from cdcl_hf import CDCLConfig, CDCLImageProcessor, CDCLModel
 
     CDCLModel(CDCLConfig.from_preset("tiny", num_channels=5)).save_pretrained(tmp_path / "five")
+    CDCLImageProcessor(num_channels=5, size=32).save_pretrained(tmp_path / "five")
     cli = load_cli()
     args = cli.parse_args(["--model", str(tmp_path / "five"), "--dataset_name", str(bbbc021_crops_dataset),
                            "--output_dir", str(tmp_path / "out"), "--max_images", "4", "--no_progress"])

@@ -178,3 +178,22 @@ def test_real_bbbc021_crops(shared_data_dir):
     assert pixel_values.shape == (8, 3, 32, 32)
     assert torch.isfinite(pixel_values).all()
     torch.testing.assert_close(pixel_values.mean(dim=(-2, -1)), torch.zeros(8, 3), atol=1e-4, rtol=0)
+
+
+def test_named_channels_are_checked_against_the_processor(caplog):
+    processor = CDCLImageProcessor(num_channels=3, size=8, channel_names=["DAPI", "Tubulin", "Actin"])
+    image = np.random.default_rng(0).integers(0, 4000, (3, 12, 12), dtype=np.uint16)
+    kwargs = {"input_data_format": "channels_first", "return_tensors": "pt"}
+    reference = processor(image, **kwargs)["pixel_values"]
+    torch.testing.assert_close(processor(image, channel_names=["DAPI", "Tubulin", "Actin"], **kwargs)["pixel_values"],
+                               reference)
+    with pytest.raises(ValueError, match=r"the images' channels are \['Actin', 'Tubulin', 'DAPI'\] but this processor "
+                                         r"\(and its model\) expect \['DAPI', 'Tubulin', 'Actin'\], in this order; "
+                                         r".*image\[\[2, 1, 0\]\]"):
+        processor(image[::-1].copy(), channel_names=["Actin", "Tubulin", "DAPI"], **kwargs)
+    with pytest.raises(ValueError, match="are 2, but this processor expects 3"):
+        processor(image, channel_names=["DAPI", "Tubulin"], **kwargs)
+    # Unnamed on either side: processed, and a warning says the order was not checked.
+    for unnamed, names in ((processor, ["channel_0", "channel_1", "channel_2"]),
+                           (CDCLImageProcessor(num_channels=3, size=8), ["DAPI", "Tubulin", "Actin"])):
+        torch.testing.assert_close(unnamed(image, channel_names=names, **kwargs)["pixel_values"], reference)

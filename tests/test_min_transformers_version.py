@@ -47,7 +47,9 @@ def declared_floor() -> str:
     text = (REPO_ROOT / "pyproject.toml").read_text()
     match = re.search(r'"transformers>=([0-9.]+),<6"', text)
     assert match, "pyproject.toml should declare transformers>=X,<6"
-    return match.group(1)
+    # "5.23" -> "5.23.0", as transformers.__version__ spells it.
+    parts = match.group(1).split(".")
+    return ".".join(parts + ["0"] * (3 - len(parts)))
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +63,23 @@ def transformers_release(request, tmp_path_factory):
         if list(folder.glob(f"transformers-{version}.dist-info")):
             return folder
         result = subprocess.run(
-            [sys.executable, "-m", "pip", "install", "--quiet", "--target", str(folder), f"transformers=={version}"],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--target",
+                str(folder),
+                f"transformers=={version}",
+            ],
             capture_output=True,
             text=True,
             timeout=900,
         )
-        assert result.returncode == 0, f"pip could not install transformers=={version}:\n{result.stderr[-3000:]}"
+        assert result.returncode == 0, (
+            f"pip could not install transformers=={version}:\n{result.stderr[-3000:]}"
+        )
         return folder
 
     return install
@@ -150,15 +163,26 @@ def run_with_release(release: Path, code: str, *args: str, cwd: Path) -> subproc
         "PYTHONNOUSERSITE": "1",
     }
     return subprocess.run(
-        [sys.executable, "-c", code, *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", code, *args],
+        cwd=cwd,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
 @pytest.mark.parametrize(
     "version, auto_image_processor",
-    [(CHECKPOINT_MIN_VERSION, "loaded"), (TORCHVISION_GATED_VERSION, "refused"), ("declared floor", "loaded")],
+    [
+        (CHECKPOINT_MIN_VERSION, "loaded"),
+        (TORCHVISION_GATED_VERSION, "refused"),
+        ("declared floor", "loaded"),
+    ],
 )
-def test_old_release_loads_the_checkpoint(transformers_release, checkpoint, tmp_path, version, auto_image_processor):
+def test_old_release_loads_the_checkpoint(
+    transformers_release, checkpoint, tmp_path, version, auto_image_processor
+):
     version = declared_floor() if version == "declared floor" else version
     release = transformers_release(version)
     result = run_with_release(release, REMOTE_LOADER, str(checkpoint), cwd=tmp_path)
@@ -168,7 +192,9 @@ def test_old_release_loads_the_checkpoint(transformers_release, checkpoint, tmp_
     assert report["version"] == version and report["transformers_file"].startswith(str(release))
     assert report["model_module"].startswith("transformers_modules")
     assert report["processor_module"].startswith("transformers_modules")
-    assert report["parameter_names"] == sorted(CDCLModel(CDCLConfig.from_preset("tiny", num_channels=5)).state_dict())
+    assert report["parameter_names"] == sorted(
+        CDCLModel(CDCLConfig.from_preset("tiny", num_channels=5)).state_dict()
+    )
     for name in ("pixels", "larger"):
         np.testing.assert_array_equal(
             np.load(checkpoint / f"got_{name}_{version}.npy"),
@@ -222,7 +248,9 @@ def test_the_package_imports_at_its_declared_floor(transformers_release, checkpo
     assert json.loads(result.stdout.strip().splitlines()[-1])["version"] == version
     # The same seed gives the same initial weights under the old release as under the installed one.
     torch.manual_seed(0)
-    expected = CDCLModel(CDCLConfig.from_preset("tiny", num_channels=5, drop_path_rate=0.1, pooling="cls+mean"))
+    expected = CDCLModel(
+        CDCLConfig.from_preset("tiny", num_channels=5, drop_path_rate=0.1, pooling="cls+mean")
+    )
     fresh = torch.load(tmp_path / "fresh.pt", weights_only=True)
     for name, value in expected.state_dict().items():
         assert torch.equal(fresh[name], value), name

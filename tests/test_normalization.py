@@ -72,3 +72,40 @@ def test_exported_processor_and_per_plate_calls_reproduce_training():
         served = processor([images[row]], return_tensors="pt", **normalization.processor_call_kwargs(plate))
         torch.testing.assert_close(served["pixel_values"][0], trained, rtol=1e-6, atol=1e-5)
     assert PlateNormalization("per_image").processor_kwargs() == {"normalization": "per_image"}
+
+
+def _screen(images: np.ndarray, plates: list[str], controls: list[bool]):
+    count = len(images)
+    metadata = pd.DataFrame({
+        "plate": plates, "well": [f"A{i:02d}" for i in range(count)], "site": ["1"] * count, "batch": ["W1"] * count,
+        "compound": ["DMSO" if c else "taxol" for c in controls], "concentration": [0.0 if c else 1.0 for c in controls],
+        "is_control": controls,
+    })
+    return dataset_from_arrays(images, metadata)
+
+
+def test_a_constant_channel_warns_naming_plate_and_channel(caplog):
+    rng = np.random.default_rng(2)
+    images = rng.integers(100, 3000, (4, 2, 8, 8)).astype(np.uint16)
+    images[:2, 1] = 0  # plate P1's controls: channel 1 empty (a missing stain)
+    screen = _screen(images, ["P1", "P1", "P2", "P2"], [True, True, True, True])
+    caplog.set_level("WARNING", logger="cdcl_hf.normalization")
+    normalization = PlateNormalization.from_screen(screen, "plate_controls")
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1, warnings
+    assert "plate 'P1', channel 1: constant intensity 0 over the plate's 2 control image(s)" in warnings[0]
+    assert torch.isfinite(normalization.load_normalized(screen[0])).all()  # the floor keeps it finite
+    PlateNormalization("plate_all", {"P1": ([5.0, 0.0], [1.0, 0.0])})
+    assert len(caplog.records) == 1  # said once, not again for the same plate and channel
+
+
+def test_nan_statistics_and_plates_without_images_are_refused():
+    with pytest.raises(ValueError, match=r"plate 'P3', channel 1: intensity mean is nan"):
+        PlateNormalization("plate_all", {"P1": ([1.0, 2.0], [1.0, 1.0]), "P3": ([1.0, np.nan], [1.0, 1.0])})
+    with pytest.raises(ValueError, match=r"plate 'P2', channel 0: intensity std is inf"):
+        PlateNormalization("plate_all", {"P2": ([1.0], [np.inf])})
+    with pytest.raises(ValueError, match="plate 'P4' has no usable image"):
+        PlateNormalization("plate_all", {"P4": PlateStatistics("P4", np.ones(2), np.ones(2), 0, "all")})
+    empty = _screen(np.zeros((1, 2, 4, 4), dtype=np.uint16), ["P1"], [True]).select([])
+    with pytest.raises(ValueError, match="no images to compute per-plate intensity statistics"):
+        PlateNormalization.from_screen(empty, "plate_all")

@@ -272,3 +272,120 @@ def test_extracts_with_a_plain_transformers_vit(tiny_screen):
     dataset, _ = tiny_screen
     profiles = extract_embeddings(ViTModel(config), dataset, device="cpu", progress=False)
     assert profiles[feature_columns(profiles)].shape == (5, 32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Degenerate control sets, channel names and order, refused checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def test_per_plate_correction_needs_two_controls_on_every_plate():
+    table = plate_table()
+    one_control = table.assign(Metadata_is_control=[True, False, False, False, True, True, False, False])
+    for method, options in (("zscore", {}), ("mad", {}), ("tvn", {"per_plate": True})):
+        with pytest.raises(ValueError, match=r"plate\(s\) 'P1' \(1\) have fewer than 2 negative control profiles"):
+            correct_profiles(one_control, method, **options)
+    no_controls = table.assign(Metadata_is_control=[True, True, False, False, False, False, False, False])
+    with pytest.raises(ValueError, match=r"'P2' \(0\) have no negative control"):
+        correct_profiles(no_controls, "zscore")
+    # Pooled over plates, TVN has 3 controls and works without per-plate standardisation.
+    assert len(correct_profiles(one_control, "tvn")) == 8
+
+
+def named_model(names, channels=3):
+    from cdcl_hf import CDCLConfig, CDCLModel
+
+    return CDCLModel(CDCLConfig.from_preset("tiny", num_channels=channels, channel_names=names))
+
+
+def test_match_channels_checks_names_and_order_and_reorders(caplog):
+    from cdcl_hf import CDCLImageProcessor
+    from cdcl_hf.profiling import check_channel_count, match_channels
+
+    model = named_model(["DAPI", "Tubulin", "Actin"])
+    assert match_channels(model, None, 3, ["DAPI", "Tubulin", "Actin"]) is None
+    with pytest.raises(ValueError, match=r"the channels of the dataset are \['Actin', 'Tubulin', 'DAPI'\] but the model "
+                                         r"was trained on "
+                                         r"\['DAPI', 'Tubulin', 'Actin'\], in this order; reorder them with "
+                                         r"--channel_order DAPI Tubulin Actin"):
+        check_channel_count(model, None, 3, ["Actin", "Tubulin", "DAPI"])
+    assert match_channels(model, None, 3, ["Actin", "Tubulin", "DAPI"], channel_order=["DAPI", "Tubulin", "Actin"]) \
+        == [2, 1, 0]
+    assert match_channels(model, None, 3, ["Actin", "Tubulin", "DNA"], channel_map={"DNA": "DAPI"}) == [2, 1, 0]
+    # An order may pick the model's channels out of more (here by index, of unnamed channels).
+    assert match_channels(model, None, 5, None, channel_order=["4", "0", "2"]) == [4, 0, 2]
+    for options, message in [
+        ({"channel_map": {"DNA": "DAPI"}}, r"not channels of the dataset"),
+        ({"channel_map": {"Actin": "DAPI"}}, r"map every data channel onto a different model channel"),
+        ({"channel_order": ["DAPI", "DAPI", "Actin"]}, r"more than once"),
+        ({"channel_order": ["Mito", "Tubulin", "Actin"]}, r"'Mito' is not a channel"),
+        ({"channel_order": ["DAPI", "Tubulin"]}, r"2 channels but the model expects 3"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            match_channels(model, None, 3, ["DAPI", "Tubulin", "Actin"], **options)
+    with pytest.raises(ValueError, match="named channels on both sides"):
+        match_channels(model, None, 3, None, channel_map={"a": "DAPI"})
+    with pytest.raises(ValueError, match="checkpoint is inconsistent"):
+        match_channels(model, CDCLImageProcessor(num_channels=3, channel_names=["DNA", "Tubulin", "Actin"]), 3, None)
+
+    # Unnamed on one side: accepted, and said once.
+    caplog.set_level("WARNING", logger="cdcl_hf.profiling")
+    for _ in range(3):
+        assert match_channels(model, None, 3, ["channel_0", "channel_1", "channel_2"], where="screen X") is None
+    notes = [r.getMessage() for r in caplog.records if "screen X" in r.getMessage()]
+    assert len(notes) == 1 and "not named" in notes[0] and "['DAPI', 'Tubulin', 'Actin']" in notes[0]
+    assert match_channels(named_model(None), None, 3, ["A", "B", "C"]) is None  # the model names none
+
+
+def test_reordered_screen_gives_the_embeddings_of_the_model_ordered_one(tiny_screen):
+    """extract_embeddings with a channel order == the same images stored in the model's order (per-plate
+    normalisation included: its statistics are reordered with the channels)."""
+    from cdcl_hf.normalization import PlateNormalization
+    from cdcl_hf.screen_data import dataset_from_arrays
+
+    dataset, images = tiny_screen
+    metadata = dataset.remove_columns(["image", "channel_names"]).to_pandas()
+    ordered = dataset_from_arrays(images, metadata, channel_names=["DAPI", "Tubulin", "Actin"])
+    reversed_ = dataset_from_arrays(np.ascontiguousarray(images[:, ::-1]), metadata,
+                                    channel_names=["Actin", "Tubulin", "DAPI"])
+    model = named_model(["DAPI", "Tubulin", "Actin"]).eval()
+    normalization = PlateNormalization.from_screen(ordered, "plate_controls")
+    processor = per_channel_processor(normalization)
+    expected = extract_embeddings(model, ordered, processor, device="cpu", progress=False,
+                                  normalization=normalization)
+    with pytest.raises(ValueError, match="in this order"):
+        extract_embeddings(model, reversed_, processor, device="cpu", progress=False)
+    reordered = extract_embeddings(model, reversed_, processor, device="cpu", progress=False,
+                                   normalization=PlateNormalization.from_screen(reversed_, "plate_controls"),
+                                   channel_order=["DAPI", "Tubulin", "Actin"])
+    features = feature_columns(expected)
+    np.testing.assert_allclose(reordered[features], expected[features], atol=1e-5)
+
+
+def test_refused_model_folders(tmp_path):
+    from cdcl_hf import CDCLImageProcessor
+    from cdcl_hf.profiling import check_model_folder, load_feature_extractor
+
+    with pytest.raises(FileNotFoundError, match="not looked up on the Hub"):
+        load_feature_extractor(str(tmp_path / "missing"))
+    assert check_model_folder("org/model") is None  # a Hub id: left to the Hub
+    (tmp_path / "file.bin").write_bytes(b"")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        check_model_folder(tmp_path / "file.bin")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        check_model_folder(tmp_path / "empty")
+    model_dir = tmp_path / "model"
+    named_model(None).save_pretrained(model_dir)
+    with pytest.raises(ValueError, match="has no preprocessor_config.json"):
+        load_feature_extractor(str(model_dir))
+    assert load_feature_extractor(str(model_dir), allow_default_processor=True)[1] is None
+    (model_dir / "preprocessor_config.json").write_text("{ broken")
+    with pytest.raises((OSError, ValueError), match=r"(?i)json|decode|expecting"):  # a broken processor is shown
+        load_feature_extractor(str(model_dir), allow_default_processor=True)
+    CDCLImageProcessor(num_channels=3).save_pretrained(model_dir)
+    (model_dir / "training_args.json").write_text("{}")
+    with pytest.raises(ValueError, match="training run that has not finished"):
+        load_feature_extractor(str(model_dir))
+    (model_dir / "training_summary.json").write_text('{"finished": true}')
+    assert isinstance(load_feature_extractor(str(model_dir))[1], CDCLImageProcessor)

@@ -1,5 +1,6 @@
 """The checkpoint carries its own code: it loads where cdcl-hf is not installed, and through `pipeline`."""
 
+import ast
 import json
 import os
 import subprocess
@@ -37,6 +38,34 @@ def test_checkpoint_ships_its_code_and_auto_map(checkpoint):
     }
     processor_config = json.loads((checkpoint / "preprocessor_config.json").read_text())
     assert processor_config["auto_map"] == {"AutoImageProcessor": "image_processing_cdcl.CDCLImageProcessor"}
+
+
+def shipped_imports(source_file) -> set[str]:
+    """Modules a shipped file imports (relative ones with their leading dots)."""
+    modules = set()
+    for node in ast.walk(ast.parse(source_file.read_text())):
+        if isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            modules.add("." * node.level + (node.module or ""))
+    return modules
+
+
+def test_shipped_model_code_is_self_contained(checkpoint):
+    """The model code in a checkpoint uses only public transformers APIs, so that its parameter names and behaviour
+    do not depend on the transformers release that loads it (transformers' ViT modules were renamed within 5.x)."""
+    imports = shipped_imports(checkpoint / "modeling_cdcl.py")
+    assert imports == {
+        "math",
+        "collections.abc",
+        "torch",
+        "transformers.activations",
+        "transformers.modeling_layers",
+        "transformers.modeling_outputs",
+        "transformers.modeling_utils",
+        ".configuration_cdcl",
+    }, imports
+    assert shipped_imports(checkpoint / "configuration_cdcl.py") == {"transformers"}
 
 
 # Runs in a fresh interpreter where importing cdcl_hf is impossible, as on a machine without the package.

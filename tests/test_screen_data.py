@@ -13,6 +13,8 @@ from cdcl_hf.screen_data import (
     dataset_from_arrays,
     decode_image,
     load_screen,
+    looks_like_local_path,
+    parse_channel_map,
     parse_column_mapping,
     parse_column_selection,
     screen_channel_names,
@@ -144,6 +146,35 @@ def test_load_screen_from_disk_streaming_and_mapping(uint16_images, tmp_path):
     with pytest.raises(MissingColumnError, match=r"\['plate'\]"):
         load_screen(tmp_path / "theirs", split=None)
     assert load_screen(tmp_path / "theirs", split=None, column_mapping={"Plate": "plate"})[0]["plate"] == "P0"
+
+
+@pytest.mark.parametrize(
+    "name, local",
+    [("./screen", True), ("/data/screen", True), ("~/screen", True), ("data\\screen", True), ("a/b/c", True),
+     ("screens.parquet", True), ("org/model.safetensors", True), ("org/screen", False), ("screen", False),
+     ("Qwen/Qwen2.5-7B", False), ("org/bbbc021-v1.0", False)],
+)
+def test_looks_like_local_path(name, local):
+    assert looks_like_local_path(name) is local
+
+
+def test_a_missing_local_path_is_reported_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    import datasets
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("looked up on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    for name in ("./screen", str(tmp_path / "screen"), "runs/a/screen", "screen.parquet", tmp_path / "screen"):
+        with pytest.raises(FileNotFoundError, match=r"does not exist \(a local path, so it is not looked up on the Hub"):
+            load_screen(name)
+
+
+def test_parse_channel_map():
+    assert parse_channel_map(["DAPI=DNA", "Phalloidin=Actin"]) == {"DAPI": "DNA", "Phalloidin": "Actin"}
+    assert parse_channel_map(None) == {}
+    with pytest.raises(ValueError, match="DATA=MODEL"):
+        parse_channel_map(["DAPI"])
 
 
 def test_load_screen_streaming_rename_keeps_the_stored_images(uint16_images, tmp_path, monkeypatch):

@@ -19,8 +19,11 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 
+from ..cli import command_errors
+from ..outputs import atomic_write_text, fault_point
+from ..publishing import publish_model
 from ..training.arguments import parse_args
-from ..training.checkpoints import find_checkpoint, load_checkpoint, prepare_output_dir, write_training_args
+from ..training.checkpoints import load_checkpoint, prepare_output_dir, write_training_args
 from ..training.components import (
     TrainingSchedules,
     build_objective,
@@ -30,7 +33,7 @@ from ..training.components import (
     verify_replicas_agree,
 )
 from ..training.data import build_train_data
-from ..training.export import export_embedding_model, push_training_output
+from ..training.export import export_embedding_model
 from ..training.loop import train_loop
 from ..training.tracking import configure_logging, init_trackers
 
@@ -39,6 +42,12 @@ logger = get_logger(__name__)
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    with command_errors("cdcl-train", args.debug):
+        train(args)
+    return 0
+
+
+def train(args) -> None:
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -61,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     objective = build_objective(args, data.num_domains, schedules, accelerator)
     # Not optimised, but part of the training state: saved and restored with every checkpoint.
     accelerator.register_for_checkpointing(teacher, objective)
-    position = load_checkpoint(accelerator, find_checkpoint(args))
+    position = load_checkpoint(accelerator, args, data.channel_names)
 
     if accelerator.is_main_process:
         write_training_args(args)
@@ -75,24 +84,28 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.gradient_accumulation_steps}"
     )
 
-    global_step = train_loop(accelerator, args, student, teacher, objective, optimizer, dataloader, schedules, position)
+    global_step = train_loop(
+        accelerator, args, student, teacher, objective, optimizer, dataloader, schedules, position, data.channel_names
+    )
     fingerprints = verify_replicas_agree(accelerator, student, teacher)
     finished = global_step >= schedules.max_train_steps
     if accelerator.is_main_process:
+        if finished:
+            export_embedding_model(teacher.backbone, data.normalization, args.global_crop_size, args.output_dir)
+        fault_point("summary")
+        # Written last: "finished" promises a complete embedding model beside it.
         summary = {"global_step": global_step, "finished": finished, "num_processes": accelerator.num_processes,
                    "replica_fingerprints": fingerprints}
-        (args.output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2))
-    if not finished:
-        logger.info(f"stopped at step {global_step} of {schedules.max_train_steps}; "
-                    "resume with --resume_from_checkpoint latest")
-    elif accelerator.is_main_process:
-        export_embedding_model(teacher.backbone, data.normalization, args.global_crop_size, args.output_dir)
-        if args.push_to_hub:
-            push_training_output(args.output_dir, args.hub_model_id, f"CDCL ({args.method}) after {global_step} steps",
-                                 token=args.hub_token)
+        atomic_write_text(args.output_dir / "training_summary.json", json.dumps(summary, indent=2))
+        if not finished:
+            logger.info(f"stopped at step {global_step} of {schedules.max_train_steps}; "
+                        "resume with --resume_from_checkpoint latest")
+        elif args.push_to_hub:
+            # One commit with the model, its card and serving files; the token (if given) is used, never stored.
+            publish_model(args.output_dir, args.hub_model_id, private=args.hub_private_repo, token=args.hub_token,
+                          export_format=args.hub_export_format)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return 0
 
 
 if __name__ == "__main__":

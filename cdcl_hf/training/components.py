@@ -67,7 +67,9 @@ def build_student_teacher(
             )
         )
     if args.gradient_checkpointing:
-        backbone.activation_checkpointing_enable()
+        # transformers 5.23 renamed gradient_checkpointing_enable (now a deprecated alias); older 5.x have only it.
+        enable = getattr(backbone, "activation_checkpointing_enable", None) or backbone.gradient_checkpointing_enable
+        enable()
     head = DINOHead(
         backbone.config.pooled_size,
         args.out_dim,

@@ -34,6 +34,7 @@ def train_loop(
     dataloader: torch.utils.data.DataLoader,
     schedules: TrainingSchedules,
     position: TrainingPosition,
+    channel_names: list[str],
 ) -> int:
     """Train from `position` until the run's last step (or `--stop_after_steps`); returns the steps done.
 
@@ -42,57 +43,54 @@ def train_loop(
     """
     stop_at = min(schedules.max_train_steps, args.stop_after_steps or schedules.max_train_steps)
     global_step, data_pass = position.global_step, position.data_pass
-    progress_bar = tqdm(total=stop_at, initial=global_step, disable=not accelerator.is_local_main_process, desc="training")
-    step_logger = StepLogger(accelerator, args.output_dir / "train_log.jsonl", args.logging_steps, progress_bar)
-    student.train()
-    while global_step < stop_at:
-        # accelerate's loaders pass the pass index on to the sampler (map-style) or the dataset (stream), which
-        # derive the shuffling, partners and augmentations from it.
-        dataloader.set_epoch(data_pass)
-        batches_done = position.batches_done_in_pass if data_pass == position.data_pass else 0  # resumed pass
-        pass_dataloader = dataloader
-        if batches_done > 0:
-            pass_dataloader = accelerator.skip_first_batches(dataloader, batches_done)
-            pass_dataloader.set_epoch(data_pass)
-        steps_before_pass = global_step
+    show_progress = accelerator.is_local_main_process
+    with tqdm(total=stop_at, initial=global_step, disable=not show_progress, desc="training") as progress_bar:
+        step_logger = StepLogger(accelerator, args.output_dir / "train_log.jsonl", args.logging_steps, progress_bar)
+        student.train()
+        while global_step < stop_at:
+            # accelerate's loaders pass the pass index on to the sampler (map-style) or the dataset (stream), which
+            # derive the shuffling, partners and augmentations from it.
+            dataloader.set_epoch(data_pass)
+            batches_done = position.batches_done_in_pass if data_pass == position.data_pass else 0  # resumed pass
+            pass_dataloader = dataloader
+            if batches_done > 0:
+                pass_dataloader = accelerator.skip_first_batches(dataloader, batches_done)
+                pass_dataloader.set_epoch(data_pass)
+            steps_before_pass = global_step
 
-        for batch_index, batch in enumerate(pass_dataloader, start=batches_done):
-            _seed_batch_randomness(args.seed, data_pass, batch_index, accelerator.process_index)
-            try:
-                step = train_step(
-                    accelerator, batch, student, teacher, objective, optimizer, schedules, global_step,
-                    args.max_grad_norm, args.freeze_last_layer_epochs,
-                )
-            except NonFiniteLossError as error:
-                raise NonFiniteLossError(
-                    f"{error}; nothing was saved for this step. The last good checkpoint is in "
-                    f"{args.output_dir / 'checkpoints'}; resume from it with a lower --learning_rate, a smaller "
-                    "--max_grad_norm or --mixed_precision no."
-                ) from None
-            step_logger.count_pairs(batch)
-            if not step.optimizer_stepped:
-                continue
+            for batch_index, batch in enumerate(pass_dataloader, start=batches_done):
+                _seed_batch_randomness(args.seed, data_pass, batch_index, accelerator.process_index)
+                try:
+                    step = train_step(
+                        accelerator, batch, student, teacher, objective, optimizer, schedules, global_step,
+                        args.max_grad_norm, args.freeze_last_layer_epochs,
+                    )
+                except NonFiniteLossError as error:
+                    raise NonFiniteLossError(
+                        f"{error}; nothing was saved for this step. The last good checkpoint is in "
+                        f"{args.output_dir / 'checkpoints'}; resume from it with a lower --learning_rate, a smaller "
+                        "--max_grad_norm or --mixed_precision no."
+                    ) from None
+                step_logger.count_pairs(batch)
+                if not step.optimizer_stepped:
+                    continue
 
-            global_step += 1
-            progress_bar.update(1)
-            step_logger.maybe_log(
-                step, global_step, epoch=(global_step - 1) // schedules.steps_per_epoch, optimizer=optimizer,
-                momentum=float(schedules.teacher_momentum[global_step - 1]), last_step=stop_at,
-            )
-            if global_step % args.checkpointing_steps == 0 or global_step == stop_at:
-                save_checkpoint(
-                    accelerator, args.output_dir, TrainingPosition(global_step, data_pass, batch_index + 1),
-                    args.checkpoints_total_limit,
+                global_step += 1
+                progress_bar.update(1)
+                step_logger.maybe_log(
+                    step, global_step, epoch=(global_step - 1) // schedules.steps_per_epoch, optimizer=optimizer,
+                    momentum=float(schedules.teacher_momentum[global_step - 1]), last_step=stop_at,
                 )
-            if global_step >= stop_at:
-                break
-        # A resumed pass may have nothing left (the checkpoint was at its end); a fresh pass must give a step.
-        if global_step == steps_before_pass and global_step < stop_at and batches_done == 0:
-            raise SystemExit(
-                f"a full pass over the screen gave no optimizer step: fewer than "
-                f"{args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes} "
-                "usable items; lower --per_device_train_batch_size or --gradient_accumulation_steps"
-            )
-        data_pass += 1
-    progress_bar.close()
+                if global_step % args.checkpointing_steps == 0 or global_step == stop_at:
+                    save_checkpoint(accelerator, args, TrainingPosition(global_step, data_pass, batch_index + 1), channel_names)
+                if global_step >= stop_at:
+                    break
+            # A resumed pass may have nothing left (the checkpoint was at its end); a fresh pass must give a step.
+            if global_step == steps_before_pass and global_step < stop_at and batches_done == 0:
+                raise SystemExit(
+                    f"a full pass over the screen gave no optimizer step: fewer than "
+                    f"{args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes} "
+                    "usable items; lower --per_device_train_batch_size or --gradient_accumulation_steps"
+                )
+            data_pass += 1
     return global_step
