@@ -33,9 +33,20 @@ import string
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from .cli import (
+    CommandParser,
+    add_debug_argument,
+    command_errors,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+)
+from .outputs import OutputSafetyError, staged_directory, write_output_marker
 
 CONTROL_COMPOUND = "DMSO"
 # BBBC021 labels its vehicle controls with moa "DMSO" too; evaluations drop them by `is_control`.
@@ -1075,31 +1086,32 @@ def same_label_neighbour_rate(
 
 def _parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     defaults = SyntheticScreenConfig()
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m cdcl_hf.synthetic_screen",
         description="Generate the built-in synthetic screen and save it with datasets' save_to_disk.",
     )
     parser.add_argument("--output_dir", required=True, help="where to save the dataset (save_to_disk)")
     parser.add_argument(
         "--num_images",
-        type=int,
+        type=positive_int,
         default=None,
         help=f"approximate number of images (default layout: {defaults.num_images})",
     )
     parser.add_argument(
         "--batch_effect_strength",
-        type=float,
+        type=non_negative_float,
         default=defaults.batch_effect_strength,
         help="0 = no batch effects, 1 = realistic, 2+ = severe",
     )
-    parser.add_argument("--num_channels", type=int, default=defaults.num_channels)
-    parser.add_argument("--image_size", type=int, default=defaults.image_size)
-    parser.add_argument("--num_batches", type=int, default=defaults.num_batches)
-    parser.add_argument("--plates_per_batch", type=int, default=defaults.plates_per_batch)
-    parser.add_argument("--compounds_per_moa", type=int, default=defaults.compounds_per_moa)
+    parser.add_argument("--num_channels", type=positive_int, default=defaults.num_channels)
+    parser.add_argument("--image_size", type=positive_int, default=defaults.image_size)
+    parser.add_argument("--num_batches", type=positive_int, default=defaults.num_batches)
+    parser.add_argument("--plates_per_batch", type=positive_int, default=defaults.plates_per_batch)
+    parser.add_argument("--compounds_per_moa", type=positive_int, default=defaults.compounds_per_moa)
     parser.add_argument("--moas", nargs="+", default=list(defaults.moas), choices=sorted(MOA_PHENOTYPES))
     parser.add_argument("--dtype", choices=("uint16", "uint8"), default=defaults.dtype)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--seed", type=non_negative_int, default=defaults.seed)
+    add_debug_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -1119,15 +1131,15 @@ def add_synthetic_screen_arguments(parser: argparse.ArgumentParser, default_seed
             The default of `--synthetic_seed`.
     """
     group = parser.add_argument_group("synthetic screen (--dataset_name synthetic)")
-    group.add_argument("--synthetic_num_images", type=int, default=DEFAULT_CLI_SCREEN["num_images"],
+    group.add_argument("--synthetic_num_images", type=positive_int, default=DEFAULT_CLI_SCREEN["num_images"],
                        help="approximate image count (the plate layout stays balanced)")
-    group.add_argument("--synthetic_image_size", type=int, default=DEFAULT_CLI_SCREEN["image_size"])
-    group.add_argument("--synthetic_num_channels", type=int, default=DEFAULT_CLI_SCREEN["num_channels"])
-    group.add_argument("--synthetic_batch_effect_strength", type=float,
+    group.add_argument("--synthetic_image_size", type=positive_int, default=DEFAULT_CLI_SCREEN["image_size"])
+    group.add_argument("--synthetic_num_channels", type=positive_int, default=DEFAULT_CLI_SCREEN["num_channels"])
+    group.add_argument("--synthetic_batch_effect_strength", type=non_negative_float,
                        default=DEFAULT_CLI_SCREEN["batch_effect_strength"])
-    group.add_argument("--synthetic_plates_per_treatment", type=int,
+    group.add_argument("--synthetic_plates_per_treatment", type=non_negative_int,
                        default=DEFAULT_CLI_SCREEN["plates_per_treatment"], help="0: every treatment on every plate")
-    group.add_argument("--synthetic_seed", type=int, default=default_seed,
+    group.add_argument("--synthetic_seed", type=non_negative_int, default=default_seed,
                        help="draws plates, batch effects and compounds; another seed is a held-out screen")
 
 
@@ -1163,8 +1175,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         else SyntheticScreenConfig(**fields)
     )
     started = time.perf_counter()
-    dataset = synthetic_screen_dataset(config)
-    dataset.save_to_disk(args.output_dir)
+    with command_errors("python -m cdcl_hf.synthetic_screen", args.debug):
+        output = Path(args.output_dir)
+        if output.exists() and (not output.is_dir() or any(output.iterdir())):
+            raise OutputSafetyError(f"--output_dir {output} exists and is not empty; choose a new or empty folder")
+        dataset = synthetic_screen_dataset(config)
+        with staged_directory(output) as staging:  # the dataset appears whole or not at all
+            dataset.save_to_disk(str(staging))
+            write_output_marker(staging, "screen_dataset")
     print(
         f"saved {len(dataset)} images ({config.num_channels}x{config.image_size}x{config.image_size} {config.dtype}, "
         f"{config.num_plates} plates in {config.num_batches} batches, {config.num_treatments} treatments + DMSO, "

@@ -100,10 +100,10 @@ def test_resume_checks_settings_against_the_checkpoint_wherever_it_is(tmp_path):
 
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     train(tmp_path, *STEPS, "--stop_after_steps", "2", "--output_dir", "run")
-    damaged = tmp_path / "run" / "checkpoints" / "step_2" / "model.safetensors"
+    damaged = tmp_path / "run" / "checkpoints" / "step_2" / "optimizer.bin"
     damaged.write_bytes(damaged.read_bytes()[:100])
     resumed = train(tmp_path, *STEPS, "--output_dir", "run", "--resume_from_checkpoint", "latest")
-    assert "skipping damaged checkpoint" in resumed.stderr and "step_2" in resumed.stderr
+    assert "skipping damaged checkpoint" in resumed.stderr and f"{Path('run/checkpoints/step_2/optimizer.bin')} is damaged" in resumed.stderr
     assert "resumed from" in resumed.stderr and "at step 1" in resumed.stderr
 
 

@@ -10,6 +10,7 @@ temporary folder and renamed into place once complete, so `checkpoints/step_<n>/
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -157,7 +158,8 @@ def save_checkpoint(
     if accelerator.is_main_process:
         fault_point(f"checkpoint-{position.global_step}")
         atomic_write_text(staging / TRAINING_ARGS_FILE, json.dumps(serializable_arguments(args), indent=2))
-        atomic_write_text(staging / CHECKPOINT_MARKER, json.dumps({**asdict(position), "channel_names": channel_names}))
+        state = {**asdict(position), "channel_names": channel_names, "files": _file_manifest(staging)}
+        atomic_write_text(staging / CHECKPOINT_MARKER, json.dumps(state))
         if final.exists():  # the same step saved again (a resumed run stopping where it started)
             shutil.rmtree(final)
         os.replace(staging, final)
@@ -167,6 +169,31 @@ def save_checkpoint(
             for old in complete[: -args.checkpoints_total_limit]:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
+
+
+def _file_manifest(checkpoint: Path) -> dict[str, list]:
+    """Size and SHA-256 of every file of a checkpoint: resume checks them and names the file that changed."""
+    return {
+        str(path.relative_to(checkpoint)): [path.stat().st_size, _sha256(path)]
+        for path in sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != CHECKPOINT_MARKER)
+    }
+
+
+def _verify_files(checkpoint: Path, manifest: dict[str, list]) -> None:
+    for name, (size, sha256) in manifest.items():
+        path = checkpoint / name
+        if not path.is_file():
+            raise OSError(f"{path} is missing")
+        if path.stat().st_size != size or _sha256(path) != sha256:
+            raise OSError(f"{path} is damaged ({path.stat().st_size} bytes, saved with {size}; its checksum differs)")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _candidates(args: argparse.Namespace) -> list[Path]:
@@ -222,6 +249,7 @@ def load_checkpoint(accelerator: Accelerator, args: argparse.Namespace, channel_
             state = json.loads(marker.read_text())
             _check_resume_settings(checkpoint, args, channel_names, state)
             position = TrainingPosition(**{f.name: int(state[f.name]) for f in fields(TrainingPosition)})
+            _verify_files(checkpoint, state.get("files", {}))  # checkpoints before the manifest: load errors only
             accelerator.load_state(str(checkpoint))
         except SystemExit:
             raise
