@@ -314,7 +314,7 @@ class CDCLMicroscopyPipeline(Pipeline):
     * a path (or the bytes) of a ``.npy``, multi-page / multi-channel ``.tif`` / ``.tiff`` or PNG file;
     * a numpy array or torch tensor, (H, W, C) or (C, H, W) (the axis of length C; see `channel_axis`);
     * ``{"channels": [file or 2-D array per channel, ...]}`` -- one file per channel, in the model's channel order;
-      inside a batch list a plain inner list (or tuple) means the same;
+      a tuple, or an inner list inside a batch list, means the same;
     * an RGB PIL image / 8-bit RGB PNG: a rendering, mapped to the model's channels and standardised per image, as
       the image processor does with RGB inputs;
     * a dict ``{"image": <any of the above>, "image_mean": [...], "image_std": [...]}`` gives that image its own
@@ -468,6 +468,8 @@ class CDCLMicroscopyPipeline(Pipeline):
                     )
                 return read_channels(list(channels), self.num_channels), overrides
             item = item["image"]
+            if isinstance(item, list | tuple):
+                return read_channels(list(item), self.num_channels), overrides
         pixels = load_image(item)
         if isinstance(pixels, Image.Image):
             return pixels, overrides

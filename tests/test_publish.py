@@ -402,6 +402,15 @@ def test_readme_publish_and_use_commands_run_as_written(trained, evaluation, hub
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "torch.Size([2, 64])"
 
+    # The hosted-demo command, as written, publishes the Space for the model just pushed.
+    from cdcl_hf.commands import push_space
+
+    demo = readme_section("Use it from the Hub").split("### Hosted demo and Inference Endpoint", 1)[1]
+    space_command = re.findall(r"```bash\n(.*?)\n```", demo, flags=re.DOTALL)[0].split()
+    assert space_command[0] == "cdcl-push-space"
+    assert push_space.main(space_command[1:]) == 0
+    assert {"app.py", "README.md", "profiles.parquet"} <= set(hub_server.repo_files("my-org/cdcl-demo", "space"))
+
     wrapper = subprocess.run([sys.executable, str(ROOT / "hub" / "push_model.py"), "--help"], capture_output=True,
                              text=True, cwd=ROOT)
     assert wrapper.returncode == 0 and wrapper.stdout.startswith("usage: cdcl-push ")

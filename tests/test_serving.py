@@ -285,7 +285,14 @@ def full_fields(request):
 
 @pytest.fixture(scope="module")
 def local_pipeline(cdcl_checkpoint):
-    return pipeline(model=str(cdcl_checkpoint), trust_remote_code=True, device="cpu")
+    return pipeline(task=TASK, model=str(cdcl_checkpoint), trust_remote_code=True, device="cpu")
+
+
+def test_the_pipeline_is_remote_code(cdcl_checkpoint, local_pipeline):
+    # Loaded from the checkpoint's pipeline_cdcl.py as a dynamic module, only when the user trusts the code.
+    assert type(local_pipeline).__module__.startswith("transformers_modules")
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        pipeline(task=TASK, model=str(cdcl_checkpoint))
 
 
 def test_tiling_covers_a_full_field_and_is_stable(local_pipeline, cdcl_checkpoint, full_fields):
@@ -342,6 +349,12 @@ def test_explicit_tiles_and_inputs(local_pipeline):
     batch = local_pipeline(np.stack([random_field(5), random_field(6)]))
     assert len(batch) == 2
     np.testing.assert_allclose(local_pipeline(torch.from_numpy(random_field(5).astype(np.int32))), batch[0], atol=1e-6)
+    # Each image of a batch may carry its own plate's statistics.
+    plate = {"image_mean": [1000.0, 1000.0, 1000.0], "image_std": [400.0, 400.0, 400.0]}
+    mixed = local_pipeline([{"image": random_field(5), **plate}, random_field(5)])
+    np.testing.assert_allclose(mixed[0], local_pipeline(random_field(5), **plate), atol=1e-6)
+    np.testing.assert_allclose(mixed[1], batch[0], atol=1e-6)
+    assert not np.allclose(mixed[0], mixed[1], atol=1e-3)
 
 
 @pytest.mark.parametrize(
