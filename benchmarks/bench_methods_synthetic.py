@@ -53,9 +53,11 @@ METRICS = (
     ("moa_map", "MoA mAP", "higher"),
     ("knn_treatment_identification", "kNN treatment id", "higher"),
     ("silhouette_moa", "silhouette MoA", "higher"),
-    ("batch_classification", "batch clf acc", "lower"),
-    ("silhouette_batch", "silhouette batch", "lower"),
-    ("kbet_acceptance", "kBET acceptance", "higher"),
+    ("batch_classification_controls", "batch clf acc (controls)", "lower"),
+    ("silhouette_batch_controls", "batch silhouette (controls, 1 = mixed)", "higher"),
+    ("kbet_controls", "kBET (controls)", "higher"),
+    ("ilisi_controls", "iLISI (controls)", "higher"),
+    ("batch_classification_all_profiles", "batch clf acc (all profiles)", "lower"),
 )
 
 # Recommended tiny-CPU training flags (the diagnosis is in the .md). Every method gets exactly these.

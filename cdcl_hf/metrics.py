@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import chisquare
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import silhouette_score
+from sklearn.metrics import silhouette_samples, silhouette_score
 from sklearn.metrics.pairwise import cosine_similarity
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.neighbors import NearestNeighbors
@@ -36,7 +36,11 @@ __all__ = [
     "moa_retrieval_map",
     "batch_classification_accuracy",
     "silhouette",
+    "silhouette_batch_scib",
     "kbet_acceptance_rate",
+    "kbet_within_label",
+    "ilisi",
+    "reference_note",
     "as_label_set",
     "evaluate_profiles",
     "results_markdown_table",
@@ -63,7 +67,14 @@ class MetricResult:
             Why the metric is not defined.
         details (`dict[str, Any]`, *optional*):
             Secondary numbers (chance level, per-group scores, counts of skipped queries) that help
-            read the main value.
+            read the main value. `details["chance"]` is what a profile without the signal scores
+            (majority-class rate, random-candidate rate, 0 for a silhouette) and
+            `details["no_batch_value"]` what perfectly mixed batches score, where one exists.
+        informative (`bool`, *optional*, defaults to `True`):
+            Whether the value says what the metric is meant to say on this screen. `False` for a value
+            that is computed but cannot be read as the metric (its reference set lacks most queries'
+            labels, it scores below its own chance, too few control profiles or batches); `reason`
+            then says why, and reports show the reason beside the number instead of a bare number.
     """
 
     name: str
@@ -73,13 +84,31 @@ class MetricResult:
     unit: str = ""
     reason: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    informative: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(asdict(self))
 
     @classmethod
     def undefined(cls, name: str, reason: str, n: int = 0, unit: str = "", **details: Any) -> MetricResult:
-        return cls(name=name, value=None, n=n, defined=False, unit=unit, reason=reason, details=details)
+        # Not computed says more than "not informative": the flag is False too, so a reader filtering on it
+        # never picks up a missing value.
+        return cls(name=name, value=None, n=n, defined=False, unit=unit, reason=reason, details=details,
+                   informative=False)
+
+    def mark_uninformative(self, reason: str) -> MetricResult:
+        """Flag a computed value as not readable as the metric on this screen (the first reason given is kept).
+
+        Args:
+            reason (`str`): Why, in words a report can print beside the value.
+
+        Returns:
+            `MetricResult`: This result, flagged.
+        """
+        if self.defined and self.informative:
+            self.informative = False
+            self.reason = reason
+        return self
 
 
 def _jsonable(obj: Any) -> Any:
@@ -172,8 +201,8 @@ def nsc_nscb_accuracy(
     embeddings: Any,
     metadata: pd.DataFrame,
     moa_column: str = "Metadata_moa",
-    compound_column: str = "Metadata_compound",
-    batch_column: str | None = "Metadata_batch",
+    compound_column: str = "Metadata_Compound",
+    batch_column: str | None = "Metadata_Batch",
     missing_moa: str = "error",
 ) -> dict[str, MetricResult]:
     """Not-same-compound (NSC) and not-same-compound-or-batch (NSCB) 1-NN MoA accuracy.
@@ -201,9 +230,9 @@ def nsc_nscb_accuracy(
             One row per profile.
         moa_column (`str`, *optional*, defaults to `"Metadata_moa"`):
             The MoA column.
-        compound_column (`str`, *optional*, defaults to `"Metadata_compound"`):
+        compound_column (`str`, *optional*, defaults to `"Metadata_Compound"`):
             The compound column.
-        batch_column (`str`, *optional*, defaults to `"Metadata_batch"`):
+        batch_column (`str`, *optional*, defaults to `"Metadata_Batch"`):
             The batch column; `None` leaves NSCB not defined.
         missing_moa (`str`, *optional*, defaults to `"error"`):
             `"error"` raises on treatments without MoA; `"drop"` removes them first (their count is
@@ -261,14 +290,17 @@ def _one_nn_moa_accuracy(
     name: str, similarity: np.ndarray, allowed: np.ndarray, moas: np.ndarray, details: dict
 ) -> MetricResult:
     correct, scored, skipped = 0, 0, 0
+    random_hits = []  # per query: the share of its candidates of its own MoA = accuracy of a random pick
     for query in range(len(moas)):
         candidates = np.flatnonzero(allowed[query])
-        if not (moas[candidates] == moas[query]).any():
+        same_moa = moas[candidates] == moas[query]
+        if not same_moa.any():
             skipped += 1
             continue
         # np.argmax returns the first maximum: ties go to the earlier row, deterministically.
         nearest = candidates[np.argmax(similarity[query, candidates])]
         correct += int(moas[nearest] == moas[query])
+        random_hits.append(float(same_moa.mean()))
         scored += 1
     details = {**details, "n_skipped_no_candidate_of_same_moa": skipped, "n_correct": correct}
     if scored == 0:
@@ -276,7 +308,12 @@ def _one_nn_moa_accuracy(
             name, "no query treatment has a candidate of its own MoA left under the exclusion rule",
             unit="treatments", **details,
         )
-    return MetricResult(name, correct / scored, scored, True, unit="treatments", details=details)
+    details["chance"] = float(np.mean(random_hits))
+    result = MetricResult(name, correct / scored, scored, True, unit="treatments", details=details)
+    if result.value < details["chance"]:
+        result.mark_uninformative(f"{result.value:.3f} is below its chance level {details['chance']:.3f} "
+                                  "(a random candidate's MoA)")
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,7 +390,7 @@ def knn_identification(
             correct += int(votes.idxmax() == query_label)
             unseen += int(query_label not in known_labels)
             scored += 1
-    return MetricResult(
+    result = MetricResult(
         "knn_identification",
         correct / scored,
         scored,
@@ -369,6 +406,18 @@ def knn_identification(
             "chance": float(pd.Series(labels[np.isin(domains, [d for r in held_out_rounds for d in r])]).value_counts(normalize=True).iloc[0]),
         },
     )
+    # A query whose label the reference set lacks cannot be identified by any embedding: when most queries are such,
+    # the accuracy measures the screen's layout (labels confined to one domain), not the embedding.
+    if unseen > scored / 2:
+        result.mark_uninformative(
+            f"the reference set lacks the label of {unseen} of {scored} queries (labels confined to one domain), "
+            "so the accuracy measures the screen's layout, not the embedding"
+        )
+    elif result.value < result.details["chance"]:
+        result.mark_uninformative(
+            f"{result.value:.3f} is below its chance level {result.details['chance']:.3f} (majority label)"
+        )
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,6 +464,9 @@ def _copairs_map(
         ap_scores, sameby=[group_column], null_size=null_size, threshold=fdr_threshold,
         seed=seed, progress_bar=False,
     )
+    # A random ranking's AP is about the share of positives among a query's candidates; averaged as the value is
+    # (over queries within a group, then over groups), it is the level the value is read against.
+    prevalence = (ap_scores["n_pos_pairs"] / ap_scores["n_total_pairs"]).groupby(ap_scores[group_column]).mean()
     return MetricResult(
         name,
         float(per_group["mean_average_precision"].mean()),
@@ -423,6 +475,7 @@ def _copairs_map(
         unit=unit,
         details={
             "fraction_retrieved": float(per_group["below_corrected_p"].mean()),
+            "chance": float(prevalence.mean()),
             "fdr_threshold": fdr_threshold,
             "null_size": null_size,
             "n_query_profiles": len(ap_scores),
@@ -434,7 +487,7 @@ def _copairs_map(
 def replicate_retrieval_map(
     embeddings: Any,
     metadata: pd.DataFrame,
-    treatment_column: str = "Metadata_treatment",
+    treatment_column: str = "Metadata_Treatment",
     control_column: str | None = "Metadata_is_control",
     negatives: str = "controls",
     null_size: int = 10000,
@@ -461,7 +514,7 @@ def replicate_retrieval_map(
             The profiles, one per row.
         metadata (`pd.DataFrame`):
             One row per profile.
-        treatment_column (`str`, *optional*, defaults to `"Metadata_treatment"`):
+        treatment_column (`str`, *optional*, defaults to `"Metadata_Treatment"`):
             The treatment column.
         control_column (`str`, *optional*, defaults to `"Metadata_is_control"`):
             The boolean column marking negative controls; `None` when there are none.
@@ -503,7 +556,7 @@ def moa_retrieval_map(
     embeddings: Any,
     metadata: pd.DataFrame,
     moa_column: str = "Metadata_moa",
-    compound_column: str = "Metadata_compound",
+    compound_column: str = "Metadata_Compound",
     null_size: int = 10000,
     fdr_threshold: float = 0.05,
     seed: int = 0,
@@ -524,7 +577,7 @@ def moa_retrieval_map(
             One row per profile.
         moa_column (`str`, *optional*, defaults to `"Metadata_moa"`):
             The MoA column.
-        compound_column (`str`, *optional*, defaults to `"Metadata_compound"`):
+        compound_column (`str`, *optional*, defaults to `"Metadata_Compound"`):
             The compound column.
         null_size (`int`, *optional*, defaults to 10000):
             As in `replicate_retrieval_map`.
@@ -608,7 +661,10 @@ def silhouette(embeddings: Any, labels: Any, name: str = "silhouette") -> Metric
 
     Definition: scikit-learn's `silhouette_score` (mean over profiles of (b - a) / max(a, b)).
     By MoA, higher is better; by batch, values near 0 or below mean batches are mixed.
-    `n` = number of profiles. Not defined unless 2 <= number of labels <= n - 1.
+    `details["chance"]` is 0, the value of groups without structure. `n` = number of profiles.
+    Not defined unless 2 <= number of labels <= n - 1.
+
+    This is the *raw* silhouette; scIB's batch silhouette is `silhouette_batch_scib`.
 
     Args:
         embeddings (array-like of shape `(n_profiles, n_features)`):
@@ -627,11 +683,60 @@ def silhouette(embeddings: Any, labels: Any, name: str = "silhouette") -> Metric
             n=len(labels), unit="profiles",
         )
     return MetricResult(name, float(silhouette_score(matrix, labels, metric="cosine")), len(labels), True,
-                        unit="profiles", details={"n_labels": n_labels})
+                        unit="profiles", details={"n_labels": n_labels, "chance": 0.0})
+
+
+def silhouette_batch_scib(
+    embeddings: Any, batches: Any, labels: Any, name: str = "silhouette_batch_scib"
+) -> MetricResult:
+    """scIB's batch silhouette (Luecken et al. 2022, "silhouette_batch"): batch mixing within each label.
+
+    Definition: for every label (scIB: cell type; here a treatment, an MoA, or "control") whose
+    profiles come from at least two batches and are not each of a batch of its own, compute each
+    profile's silhouette `s` (cosine distance) with respect to the *batch* labels among that
+    label's profiles only, take `1 - |s|`, average over the label's profiles, then average over the
+    labels. 1 = batches perfectly mixed within every label (the no-batch value), 0 = batches
+    perfectly separated. Labels seen in a single batch are skipped
+    (`details["n_labels_skipped"]`). `n` = number of labels scored. Not defined when no label is
+    scored.
+
+    Args:
+        embeddings (array-like of shape `(n_profiles, n_features)`):
+            The profiles, one per row.
+        batches (array-like of length `n_profiles`):
+            The batch of each profile.
+        labels (array-like of length `n_profiles`):
+            The biological label of each profile, within which batches should mix.
+        name (`str`, *optional*, defaults to `"silhouette_batch_scib"`):
+            The name of the result.
+    """
+    matrix = _check_embeddings(embeddings)
+    batches = _check_labels(batches, matrix.shape[0], "batches").astype(str)
+    labels = _check_labels(labels, matrix.shape[0], "labels").astype(str)
+    per_label, skipped = {}, 0
+    for label in pd.unique(labels):
+        rows = labels == label
+        n_batches = len(set(batches[rows]))
+        # silhouette_samples needs 2 <= batches <= profiles - 1; scIB skips the same labels.
+        if n_batches < 2 or n_batches >= rows.sum():
+            skipped += 1
+            continue
+        scores = silhouette_samples(matrix[rows], batches[rows], metric="cosine")
+        per_label[label] = float(np.mean(1.0 - np.abs(scores)))
+    if not per_label:
+        return MetricResult.undefined(
+            name, "no label has profiles from two or more batches (every label is confined to one batch)",
+            unit="labels", n_labels_skipped=skipped,
+        )
+    return MetricResult(
+        name, float(np.mean(list(per_label.values()))), len(per_label), True, unit="labels",
+        details={"no_batch_value": 1.0, "n_labels_skipped": skipped,
+                 "n_profiles_scored": int(np.isin(labels, list(per_label)).sum()), "per_label": per_label},
+    )
 
 
 def kbet_acceptance_rate(
-    embeddings: Any, batches: Any, k: int | None = None, alpha: float = 0.05
+    embeddings: Any, batches: Any, k: int | None = None, alpha: float = 0.05, name: str = "kbet_acceptance"
 ) -> MetricResult:
     """kBET-style batch-mixing score (Büttner et al. 2019): the acceptance rate.
 
@@ -639,8 +744,10 @@ def kbet_acceptance_rate(
     included, as in kBET) and test with Pearson's chi-square whether their batch counts follow the
     batches' global frequencies. The acceptance rate is the fraction of profiles whose test is
     *not* rejected at level `alpha`; 1 = batches well mixed, 0 = every neighbourhood is
-    batch-specific. `n` = number of profiles tested. Unlike kBET we test every profile (no
-    subsampling) and report no bootstrap. Not defined with one batch.
+    batch-specific. With perfectly mixed batches about `1 - alpha` of the tests accept
+    (`details["no_batch_value"]`; a little more, since neighbours are drawn without replacement).
+    `n` = number of profiles tested. Unlike kBET we test every profile (no subsampling) and report
+    no bootstrap. Not defined with one batch.
 
     Args:
         embeddings (array-like of shape `(n_profiles, n_features)`):
@@ -648,20 +755,22 @@ def kbet_acceptance_rate(
         batches (array-like of length `n_profiles`):
             The batch of each profile.
         k (`int`, *optional*):
-            The neighbourhood size; by default a quarter of the mean batch size, at least 10, at
-            most n.
+            The neighbourhood size; by default scIB's choice: a quarter of the mean batch size, at
+            least 10, at most 70 (and at most n).
         alpha (`float`, *optional*, defaults to 0.05):
             The level of the test.
+        name (`str`, *optional*, defaults to `"kbet_acceptance"`):
+            The name of the result.
     """
     matrix = _check_embeddings(embeddings)
     batches = _check_labels(batches, matrix.shape[0], "batches").astype(str)
     batch_names, batch_index = np.unique(batches, return_inverse=True)
     if len(batch_names) < 2:
-        return MetricResult.undefined("kbet_acceptance", f"needs at least two batches, got {list(batch_names)}",
+        return MetricResult.undefined(name, f"needs at least two batches, got {list(batch_names)}",
                                       n=len(batches), unit="profiles")
     n = len(batches)
     if k is None:
-        k = max(10, int(0.25 * n / len(batch_names)))
+        k = min(70, max(10, int(0.25 * n / len(batch_names))))
     k = min(k, n)
     expected_fraction = np.bincount(batch_index) / n
     _, neighbour_rows = NearestNeighbors(n_neighbors=k, metric="cosine").fit(matrix).kneighbors(matrix)
@@ -669,9 +778,142 @@ def kbet_acceptance_rate(
     p_values = chisquare(observed, f_exp=expected_fraction[None, :] * k, axis=1).pvalue
     accepted = p_values >= alpha
     return MetricResult(
-        "kbet_acceptance", float(accepted.mean()), n, True, unit="profiles",
-        details={"k": k, "alpha": alpha, "n_batches": len(batch_names)},
+        name, float(accepted.mean()), n, True, unit="profiles",
+        # k / B is the expected count of an average batch in a neighbourhood: below ~5 the chi-square test has little
+        # power against moderate imbalance (it still rejects neighbourhoods of one batch), so a reader needs it.
+        details={"k": k, "alpha": alpha, "n_batches": len(batch_names), "no_batch_value": 1.0 - alpha,
+                 "expected_per_batch_in_neighbourhood": k / len(batch_names)},
     )
+
+
+def kbet_within_label(
+    embeddings: Any, batches: Any, labels: Any, alpha: float = 0.05, min_size: int = 10, name: str = "kbet_within_label"
+) -> MetricResult:
+    """kBET run inside each label's profiles and averaged, as scIB scores kBET per cell type.
+
+    Definition: for every label with at least `min_size` profiles from at least two batches,
+    `kbet_acceptance_rate` on that label's profiles alone (batch frequencies and `k` of that
+    label); the value is the mean acceptance over the labels scored (scIB reports 1 - mean
+    rejection rate, the same number). Labels confined to one batch, or smaller than `min_size`
+    (scIB's limit), are skipped and counted in `details`. `n` = number of labels scored;
+    `details["no_batch_value"]` ~ `1 - alpha`. Not defined when no label qualifies.
+
+    Args:
+        embeddings (array-like of shape `(n_profiles, n_features)`):
+            The profiles, one per row.
+        batches (array-like of length `n_profiles`):
+            The batch of each profile.
+        labels (array-like of length `n_profiles`):
+            The label (treatment, MoA) within which batches should mix.
+        alpha (`float`, *optional*, defaults to 0.05):
+            The level of each test.
+        min_size (`int`, *optional*, defaults to 10):
+            The fewest profiles a label needs to be scored.
+        name (`str`, *optional*, defaults to `"kbet_within_label"`):
+            The name of the result.
+    """
+    matrix = _check_embeddings(embeddings)
+    batches = _check_labels(batches, matrix.shape[0], "batches").astype(str)
+    labels = _check_labels(labels, matrix.shape[0], "labels").astype(str)
+    per_label, one_batch, too_small = {}, 0, 0
+    for label in pd.unique(labels):
+        rows = labels == label
+        if len(set(batches[rows])) < 2:
+            one_batch += 1
+        elif rows.sum() < min_size:
+            too_small += 1
+        else:
+            per_label[label] = kbet_acceptance_rate(matrix[rows], batches[rows], alpha=alpha).value
+    details = {"no_batch_value": 1.0 - alpha, "alpha": alpha, "min_size": min_size,
+               "n_labels_skipped_one_batch": one_batch, "n_labels_skipped_too_small": too_small,
+               "n_profiles_scored": int(np.isin(labels, list(per_label)).sum())}
+    if not per_label:
+        return MetricResult.undefined(
+            name, f"no label has {min_size} or more profiles from two or more batches "
+            f"({one_batch} labels in one batch, {too_small} too small)", unit="labels", **details,
+        )
+    return MetricResult(name, float(np.mean(list(per_label.values()))), len(per_label), True, unit="labels",
+                        details={**details, "per_label": per_label})
+
+
+def ilisi(embeddings: Any, batches: Any, perplexity: float = 30.0, name: str = "ilisi") -> MetricResult:
+    """Integration LISI (Korsunsky et al. 2019; scIB's iLISI, Luecken et al. 2022): the effective number of batches
+    around each profile.
+
+    Definition: for each profile, its `3 * perplexity` nearest other profiles (cosine distance)
+    are weighted with a Gaussian kernel whose width is chosen, per profile, so that the weights'
+    perplexity is `perplexity` (as LISI does); the profile's LISI is the inverse Simpson index
+    `1 / sum_b p_b^2` of the weighted batch frequencies `p_b` of its neighbourhood. It lies between
+    1 (every neighbour of one batch) and the number of batches B. The value is scIB's scaled
+    score `(median LISI - 1) / (B - 1)` (0 = separated, 1 = every neighbourhood holds all
+    batches equally); `details["ilisi_median"]` / `details["ilisi_mean"]` are the raw LISI.
+    `details["no_batch_value"]` is what perfect mixing gives with these batch sizes: the scaled
+    inverse Simpson index of the global batch frequencies (1 only for equal batch sizes).
+    `n` = number of profiles. Written on scikit-learn's neighbours: scib-metrics is not needed.
+    Not defined with one batch or fewer than 3 profiles.
+
+    Args:
+        embeddings (array-like of shape `(n_profiles, n_features)`):
+            The profiles, one per row.
+        batches (array-like of length `n_profiles`):
+            The batch of each profile.
+        perplexity (`float`, *optional*, defaults to 30):
+            The neighbourhood's effective size (LISI's default); lowered to a third of the other
+            profiles on small sets (`details["perplexity"]`).
+        name (`str`, *optional*, defaults to `"ilisi"`):
+            The name of the result.
+    """
+    matrix = _check_embeddings(embeddings)
+    batches = _check_labels(batches, matrix.shape[0], "batches").astype(str)
+    batch_names, batch_index = np.unique(batches, return_inverse=True)
+    n, n_batches = len(batches), len(batch_names)
+    if n_batches < 2 or n < 3:
+        return MetricResult.undefined(name, f"needs at least two batches and three profiles, got {n_batches} "
+                                      f"batches and {n} profiles", n=n, unit="profiles")
+    k = min(n - 1, int(3 * perplexity))
+    perplexity = min(perplexity, k / 3)
+    distances, rows = NearestNeighbors(n_neighbors=k + 1, metric="cosine").fit(matrix).kneighbors(matrix)
+    # Drop the profile itself (LISI counts only its neighbours); duplicates may put it second, so drop by identity.
+    not_self = rows != np.arange(n)[:, None]
+    keep_first_k = np.cumsum(not_self, axis=1) <= k
+    mask = not_self & keep_first_k
+    distances = distances[mask].reshape(n, k)
+    rows = rows[mask].reshape(n, k)
+    weights = _perplexity_weights(distances, perplexity)
+    frequencies = np.zeros((n, n_batches))
+    np.add.at(frequencies, (np.repeat(np.arange(n), k), batch_index[rows].ravel()), weights.ravel())
+    lisi = 1.0 / np.sum(frequencies**2, axis=1)
+    global_frequencies = np.bincount(batch_index) / n
+    scale = lambda value: (value - 1.0) / (n_batches - 1)  # noqa: E731 - scIB's scaling, used twice
+    return MetricResult(
+        name, float(scale(np.median(lisi))), n, True, unit="profiles",
+        details={"ilisi_median": float(np.median(lisi)), "ilisi_mean": float(lisi.mean()), "n_batches": n_batches,
+                 "perplexity": float(perplexity), "n_neighbours": k,
+                 "no_batch_value": float(scale(1.0 / np.sum(global_frequencies**2)))},
+    )
+
+
+def _perplexity_weights(distances: np.ndarray, perplexity: float, iterations: int = 64) -> np.ndarray:
+    """Row-normalised Gaussian weights exp(-beta d), beta bisected per row so the weights' perplexity is `perplexity`.
+
+    All rows are bisected at once (vectorised); the entropy falls as beta grows, so bisection on log(beta) converges.
+    """
+    target = np.log(perplexity)
+    # Distances shifted by each row's nearest: the weights are unchanged (normalised) and exp cannot underflow to 0.
+    shifted = distances - distances[:, :1]
+    low = np.full(len(distances), -20.0)
+    high = np.full(len(distances), 20.0)
+    for _ in range(iterations):
+        beta = np.exp((low + high) / 2)[:, None]
+        weights = np.exp(-beta * shifted)
+        weights /= weights.sum(axis=1, keepdims=True)
+        entropy = -np.sum(weights * np.log(np.clip(weights, 1e-300, None)), axis=1)
+        too_flat = entropy > target  # too many effective neighbours: sharpen (larger beta)
+        low = np.where(too_flat, (low + high) / 2, low)
+        high = np.where(too_flat, high, (low + high) / 2)
+    beta = np.exp((low + high) / 2)[:, None]
+    weights = np.exp(-beta * shifted)
+    return weights / weights.sum(axis=1, keepdims=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -681,18 +923,108 @@ def kbet_acceptance_rate(
 # Reading direction of each metric in reports: does a higher value mean better biology / less batch?
 HIGHER_IS_BETTER = {
     "nsc": True, "nscb": True, "moa_map": True, "replicate_map": True, "knn_treatment_identification": True,
-    "silhouette_moa": True, "batch_classification": False, "plate_classification": False,
-    "silhouette_batch": False, "kbet_acceptance": True,
+    "silhouette_moa": True,
+    # Batch measured on the negative controls: every difference between their batches is technical.
+    "batch_classification_controls": False, "plate_classification_controls": False,
+    "silhouette_batch_controls": True, "kbet_controls": True, "ilisi_controls": True,
+    # Batch measured within biological labels (scIB's way of keeping biology out of the batch score).
+    "silhouette_batch_scib": True, "kbet_within_treatment": True, "kbet_within_moa": True,
+    # Batch measured on every profile: where treatments sit in subsets of batches, biology counts as batch here.
+    "batch_classification_all_profiles": False, "plate_classification_all_profiles": False,
+    "silhouette_batch_all_profiles": False, "kbet_all_profiles": True, "ilisi_all_profiles": True,
 }
+# Fewer control profiles per batch than this on average leave a controls-only batch score too noisy to read.
+MIN_CONTROLS_PER_BATCH = 5
+# A within-label batch score whose labels hold less than this share of the profiles says little about the screen.
+MIN_SHARE_WITHIN = 0.5
+# Controls whose pairwise distances vary less than this (relative to their mean) were whitened onto a simplex.
+EQUIDISTANT_SPREAD = 1e-3
+
+
+def _controls_batch_metrics(
+    matrix: np.ndarray, batches: np.ndarray, plates: np.ndarray | None, is_control: np.ndarray, seed: int
+) -> dict[str, MetricResult]:
+    names = ["batch_classification_controls", "silhouette_batch_controls", "kbet_controls", "ilisi_controls"]
+    if plates is not None:
+        names.insert(1, "plate_classification_controls")
+    if not is_control.any():
+        return {name: MetricResult.undefined(name, "the screen has no negative-control profile") for name in names}
+    controls, control_batches = matrix[is_control], batches[is_control]
+    results = {
+        "batch_classification_controls": batch_classification_accuracy(
+            controls, control_batches, seed=seed, name="batch_classification_controls"),
+        # scIB's definition with a single label, the controls: mean of 1 - |silhouette by batch|.
+        "silhouette_batch_controls": silhouette_batch_scib(
+            controls, control_batches, np.full(len(controls), "control"), name="silhouette_batch_controls"),
+        "kbet_controls": kbet_acceptance_rate(controls, control_batches, name="kbet_controls"),
+        "ilisi_controls": ilisi(controls, control_batches, name="ilisi_controls"),
+    }
+    if plates is not None:
+        results["plate_classification_controls"] = batch_classification_accuracy(
+            controls, plates[is_control], seed=seed, name="plate_classification_controls")
+    # One label (the controls): its n is the profiles it averages over, like the other controls-only scores.
+    results["silhouette_batch_controls"].n = int(is_control.sum())
+    results["silhouette_batch_controls"].unit = "profiles"
+    per_batch = pd.Series(control_batches).value_counts()
+    # A whitening fitted on these very controls (TVN or sphering with at most n - 1 components) maps them onto a
+    # regular simplex: all equidistant, whatever their batch. Mixing then looks perfect and means nothing.
+    spread = _relative_spread_of_distances(controls)
+    for result in results.values():
+        result.details["control_distance_relative_spread"] = spread
+        if spread < EQUIDISTANT_SPREAD:
+            result.mark_uninformative(
+                f"the control profiles are all equidistant (relative spread of their cosine distances {spread:.1e}): "
+                "a whitening fitted on them (--correction tvn / sphering) removed every difference between them, "
+                "batch included; score batch on controls after --correction none / zscore / mad")
+    for name, result in results.items():
+        result.details.setdefault("n_control_profiles", int(is_control.sum()))
+        result.details.setdefault("n_batches_with_controls", len(per_batch))
+        if name.startswith("plate"):
+            # Plates hold fewer controls than batches by construction; the floor is 2 per plate (one to train on,
+            # one to test), which batch_classification_accuracy already enforces by dropping singletons.
+            continue
+        if len(per_batch) >= 2 and per_batch.mean() < MIN_CONTROLS_PER_BATCH:
+            result.mark_uninformative(
+                f"only {int(is_control.sum())} control profiles in {len(per_batch)} batches "
+                f"(fewer than {MIN_CONTROLS_PER_BATCH} per batch on average): too few to read batch mixing from")
+    return {name: results[name] for name in names}
+
+
+def _relative_spread_of_distances(matrix: np.ndarray, max_rows: int = 2000) -> float:
+    """Standard deviation / mean of the pairwise cosine distances of the rows (0 for a regular simplex).
+
+    At most `max_rows` rows (a fixed random subset) are compared: a simplex's subset is a simplex, and the full
+    distance matrix of a large screen's controls would not fit in memory.
+    """
+    if len(matrix) < 3:
+        return float("nan")
+    if len(matrix) > max_rows:
+        matrix = matrix[np.random.default_rng(0).choice(len(matrix), max_rows, replace=False)]
+    distances = 1.0 - cosine_similarity(matrix)[np.triu_indices(len(matrix), k=1)]
+    mean = distances.mean()
+    return float(distances.std() / mean) if mean > 0 else 0.0
+
+
+def _within_label(result: MetricResult, what: str, n_profiles: int) -> MetricResult:
+    if not result.defined:
+        return result
+    share = result.details["n_profiles_scored"] / max(n_profiles, 1)
+    result.details["share_of_profiles_scored"] = share
+    if share < MIN_SHARE_WITHIN:
+        result.mark_uninformative(
+            f"the {result.n} {what}(s) scored (those with profiles from two or more batches) hold only "
+            f"{result.details['n_profiles_scored']} of {n_profiles} profiles; the other {what}s sit in one batch each, "
+            "so the average says little about the screen")
+    return result
 
 
 def evaluate_profiles(
     profiles: pd.DataFrame,
-    treatment_column: str = "Metadata_treatment",
-    compound_column: str = "Metadata_compound",
+    treatment_column: str = "Metadata_Treatment",
+    compound_column: str = "Metadata_Compound",
     moa_column: str | None = "Metadata_moa",
-    batch_column: str = "Metadata_batch",
-    plate_column: str | None = "Metadata_plate",
+    batch_column: str = "Metadata_Batch",
+    plate_column: str | None = "Metadata_Plate",
     control_column: str = "Metadata_is_control",
     aggregate: str = "median",
     knn_k: int = 10,
@@ -703,11 +1035,25 @@ def evaluate_profiles(
 ) -> dict[str, MetricResult]:
     """Every metric of this module on one replicate-level profile table (images or wells).
 
-    Computed on the replicate rows: replicate mAP (negatives = controls when there are any),
-    kNN treatment identification across batches (leave-one-batch-out, controls excluded), batch
-    and plate classification accuracy, silhouette by batch (all rows) and by MoA (treated rows),
-    kBET acceptance by batch. Computed at treatment level (treated rows aggregated per treatment
-    with `aggregate`, the treatment's batches collected): NSC, NSCB and MoA mAP.
+    Computed on the replicate rows: replicate mAP (negatives = controls when there are any) and
+    kNN treatment identification across batches (leave-one-batch-out, controls excluded). Batch
+    effect, three ways (docs/evaluation.md):
+
+    - on the negative controls only (`*_controls`): batch and plate classification accuracy,
+      scIB batch silhouette, kBET acceptance, iLISI. Every difference between control batches is
+      technical, so these measure batch and nothing else;
+    - within biological labels: `silhouette_batch_scib` (scIB's definition, label = MoA with the
+      controls as one more label, or treatment without MoA), `kbet_within_treatment`,
+      `kbet_within_moa` (kBET per label, averaged, as scIB);
+    - on all profiles (`*_all_profiles`): batch / plate classification, raw silhouette by batch,
+      kBET, iLISI. Where treatments sit in subsets of batches (BBBC021) these count biology as
+      batch; they are kept, under that name, for comparison.
+
+    Computed at treatment level (treated rows aggregated per treatment with `aggregate`, the
+    treatment's batches collected): NSC, NSCB and MoA mAP. Silhouette by MoA on treated rows.
+
+    A computed value that cannot be read as its metric on this screen is flagged
+    (`MetricResult.informative` False, with `reason`).
 
     MoA handling: with no MoA annotation at all (or `moa_column=None`) the MoA metrics are
     returned as not defined; a partial annotation raises unless `missing_moa="drop"`.
@@ -715,15 +1061,15 @@ def evaluate_profiles(
     Args:
         profiles (`pd.DataFrame`):
             `Metadata_*` columns + numeric features (see `cdcl_hf.profiling`).
-        treatment_column (`str`, *optional*, defaults to `"Metadata_treatment"`):
+        treatment_column (`str`, *optional*, defaults to `"Metadata_Treatment"`):
             The treatment column.
-        compound_column (`str`, *optional*, defaults to `"Metadata_compound"`):
+        compound_column (`str`, *optional*, defaults to `"Metadata_Compound"`):
             The compound column.
         moa_column (`str`, *optional*, defaults to `"Metadata_moa"`):
             The MoA column.
-        batch_column (`str`, *optional*, defaults to `"Metadata_batch"`):
+        batch_column (`str`, *optional*, defaults to `"Metadata_Batch"`):
             The batch column.
-        plate_column (`str`, *optional*, defaults to `"Metadata_plate"`):
+        plate_column (`str`, *optional*, defaults to `"Metadata_Plate"`):
             The plate column; `None` skips plate classification.
         control_column (`str`, *optional*, defaults to `"Metadata_is_control"`):
             The boolean column marking negative controls.
@@ -750,6 +1096,9 @@ def evaluate_profiles(
     matrix = _check_embeddings(matrix, len(meta))
     is_control = meta[control_column].astype(bool).to_numpy()
     treated = ~is_control
+    batches = _check_labels(meta[batch_column], len(meta), batch_column).astype(str)
+    plates = _check_labels(meta[plate_column], len(meta), plate_column).astype(str) if plate_column else None
+    treatments = _check_labels(meta[treatment_column], len(meta), treatment_column).astype(str)
     results: dict[str, MetricResult] = {}
 
     results["replicate_map"] = replicate_retrieval_map(
@@ -757,20 +1106,49 @@ def evaluate_profiles(
         null_size=null_size, seed=seed,
     )
     results["knn_treatment_identification"] = knn_identification(
-        matrix[treated], meta.loc[treated, treatment_column], meta.loc[treated, batch_column],
-        k=knn_k, temperature=knn_temperature,
+        matrix[treated], treatments[treated], batches[treated], k=knn_k, temperature=knn_temperature,
     )
     results["knn_treatment_identification"].name = "knn_treatment_identification"
-    results["batch_classification"] = batch_classification_accuracy(matrix, meta[batch_column], seed=seed)
-    if plate_column is not None:
-        results["plate_classification"] = batch_classification_accuracy(
-            matrix, meta[plate_column], seed=seed, name="plate_classification"
-        )
-    results["silhouette_batch"] = silhouette(matrix, meta[batch_column], name="silhouette_batch")
-    results["kbet_acceptance"] = kbet_acceptance_rate(matrix, meta[batch_column])
+
+    results.update(_controls_batch_metrics(matrix, batches, plates, is_control, seed))
+
+    annotated = meta[moa_column].notna().to_numpy() if moa_column is not None else np.zeros(len(meta), bool)
+    # scIB's label is the cell type: here the MoA (controls one more label), the treatment when MoA is unknown.
+    if moa_column is not None and (annotated | is_control).all() and (annotated & treated).any():
+        silhouette_labels = np.where(is_control, "negative control", meta[moa_column].astype(str).to_numpy())
+        silhouette_label_kind = "MoA"
+    else:
+        silhouette_labels, silhouette_label_kind = treatments, "treatment"
+    results["silhouette_batch_scib"] = _within_label(
+        silhouette_batch_scib(matrix, batches, silhouette_labels), silhouette_label_kind, len(matrix))
+    results["silhouette_batch_scib"].details["label"] = silhouette_label_kind
+    results["kbet_within_treatment"] = _within_label(
+        kbet_within_label(matrix[treated], batches[treated], treatments[treated], name="kbet_within_treatment"),
+        "treatment", int(treated.sum()))
+    if (annotated & treated).any():
+        scored = annotated & treated
+        results["kbet_within_moa"] = _within_label(
+            kbet_within_label(matrix[scored], batches[scored], meta.loc[scored, moa_column].astype(str).to_numpy(),
+                              name="kbet_within_moa"), "MoA", int(scored.sum()))
+    else:
+        results["kbet_within_moa"] = MetricResult.undefined("kbet_within_moa", "no treated profile has an MoA annotation",
+                                                            unit="labels")
+
+    note = ("all profiles: where treatments sit in subsets of batches, differences between treatments count as "
+            "batch here; read the *_controls and within-label scores for batch alone")
+    all_profiles = {"batch_classification_all_profiles": batch_classification_accuracy(
+        matrix, batches, seed=seed, name="batch_classification_all_profiles")}
+    if plates is not None:
+        all_profiles["plate_classification_all_profiles"] = batch_classification_accuracy(
+            matrix, plates, seed=seed, name="plate_classification_all_profiles")
+    all_profiles["silhouette_batch_all_profiles"] = silhouette(matrix, batches, name="silhouette_batch_all_profiles")
+    all_profiles["kbet_all_profiles"] = kbet_acceptance_rate(matrix, batches, name="kbet_all_profiles")
+    all_profiles["ilisi_all_profiles"] = ilisi(matrix, batches, name="ilisi_all_profiles")
+    for result in all_profiles.values():
+        result.details["scope"] = note
+    results.update(all_profiles)
 
     moa_names = ("silhouette_moa", "nsc", "nscb", "moa_map")
-    annotated = meta[moa_column].notna().to_numpy() if moa_column is not None else np.zeros(len(meta), bool)
     if not (annotated & treated).any():
         for name in moa_names:
             results[name] = MetricResult.undefined(name, "no treated profile has an MoA annotation")
@@ -785,13 +1163,13 @@ def evaluate_profiles(
     scored = treated & annotated
     results["silhouette_moa"] = silhouette(matrix[scored], meta.loc[scored, moa_column], name="silhouette_moa")
 
-    treatments = aggregate_profiles(
+    per_treatment = aggregate_profiles(
         profiles[scored], by=[treatment_column], method=aggregate, collect=[batch_column]
     )
     for column in (moa_column, compound_column):
-        if column not in treatments.columns:
+        if column not in per_treatment.columns:
             raise ValueError(f"'{column}' varies within a treatment ('{treatment_column}'): cannot score MoA per treatment")
-    treatment_matrix, treatment_meta = split_profiles(treatments)
+    treatment_matrix, treatment_meta = split_profiles(per_treatment)
     results.update(
         nsc_nscb_accuracy(treatment_matrix, treatment_meta, moa_column, compound_column, batch_column)
     )
@@ -803,14 +1181,38 @@ def evaluate_profiles(
     return results
 
 
+def reference_note(details: dict[str, Any]) -> str:
+    """The chance / no-batch value of a metric's details, as the reports print it.
+
+    Args:
+        details (`dict`): A `MetricResult.details` (or the `details` of a `results.json` metric).
+
+    Returns:
+        `str`: e.g. `"chance 0.060"` or `"no batch 0.950"`; `""` when the metric has neither.
+    """
+    parts = []
+    if details.get("chance") is not None:
+        parts.append(f"chance {details['chance']:.3f}")
+    if details.get("no_batch_value") is not None:
+        parts.append(f"no batch {details['no_batch_value']:.3f}")
+    return ", ".join(parts)
+
+
 def results_markdown_table(results: dict[str, MetricResult]) -> str:
-    """A markdown table of the results: metric, value (or "not defined"), n, direction, note."""
-    lines = ["| metric | value | n | better | note |", "|---|---|---|---|---|"]
+    """A markdown table of the results: metric, value (or "not defined"), n, direction, reference, note.
+
+    A value flagged not informative is shown as `(0.123) not informative` with its reason in the note, never as a
+    bare number.
+    """
+    lines = ["| metric | value | n | better | chance / no-batch value | note |", "|---|---|---|---|---|---|"]
     for name, result in results.items():
-        value = f"{result.value:.3f}" if result.defined else "not defined"
+        if not result.defined:
+            value = "not defined"
+        elif not result.informative:
+            value = f"({result.value:.3f}) not informative"
+        else:
+            value = f"{result.value:.3f}"
         direction = {True: "higher", False: "lower"}.get(HIGHER_IS_BETTER.get(name), "")
-        note = result.reason or ""
-        if result.defined and "chance" in result.details:
-            note = f"chance {result.details['chance']:.3f}"
-        lines.append(f"| {name} | {value} | {result.n} {result.unit} | {direction} | {note} |")
+        lines.append(f"| {name} | {value} | {result.n} {result.unit} | {direction} | {reference_note(result.details)} "
+                     f"| {result.reason or ''} |")
     return "\n".join(lines) + "\n"

@@ -67,13 +67,26 @@ METRIC_NAMES = {
     "replicate_map": ("Replicate mAP", "higher"),
     "knn_treatment_identification": ("kNN treatment identification (held-out batches)", "higher"),
     "silhouette_moa": ("Silhouette by MoA", "higher"),
-    "batch_classification": ("Batch classification accuracy", "lower"),
-    "plate_classification": ("Plate classification accuracy", "lower"),
-    "silhouette_batch": ("Silhouette by batch", "lower (0 = mixed)"),
-    "kbet_acceptance": ("kBET acceptance", "higher"),
+    "batch_classification_controls": ("Batch classification accuracy, negative controls", "lower (chance: no batch)"),
+    "plate_classification_controls": ("Plate classification accuracy, negative controls", "lower (chance: no batch)"),
+    "silhouette_batch_controls": ("Batch silhouette (scIB, 1 = mixed), negative controls", "higher"),
+    "kbet_controls": ("kBET acceptance, negative controls", "higher"),
+    "ilisi_controls": ("iLISI (scaled, 1 = mixed), negative controls", "higher"),
+    "silhouette_batch_scib": ("Batch silhouette within MoA (scIB)", "higher"),
+    "kbet_within_treatment": ("kBET acceptance within treatment", "higher"),
+    "kbet_within_moa": ("kBET acceptance within MoA", "higher"),
+    "batch_classification_all_profiles": ("Batch classification accuracy, all profiles (biology confounded)", "lower"),
+    "plate_classification_all_profiles": ("Plate classification accuracy, all profiles (biology confounded)", "lower"),
+    "silhouette_batch_all_profiles": ("Silhouette by batch, all profiles (biology confounded)", "lower (0 = mixed)"),
+    "kbet_all_profiles": ("kBET acceptance, all profiles (biology confounded)", "higher"),
+    "ilisi_all_profiles": ("iLISI (scaled), all profiles (biology confounded)", "higher"),
 }
-# Metrics that measure how much of a nuisance grouping the embeddings still carry.
-BATCH_METRICS = ("batch_classification", "plate_classification", "silhouette_batch", "kbet_acceptance", "nscb")
+# Metrics that measure how much of a nuisance grouping the embeddings still carry, where batch is not confounded
+# with biology (negative controls, within a label), and NSCB.
+BATCH_METRICS = (
+    "batch_classification_controls", "silhouette_batch_controls", "kbet_controls", "ilisi_controls",
+    "silhouette_batch_scib", "kbet_within_treatment", "kbet_within_moa", "nscb",
+)
 
 # Settings that say where and how a run wrote, not what it learned: left out of the recipe table.
 RUN_PLUMBING = {
@@ -174,7 +187,13 @@ def _table(header: list[str], rows: Iterable[Iterable[Any]]) -> str:
 def _defined_metrics(results: Mapping[str, Any] | None) -> dict[str, Mapping[str, Any]]:
     if not results:
         return {}
-    return {name: metric for name, metric in results.get("metrics", {}).items() if metric.get("defined")}
+    # A value its own evaluation flagged as not informative (below chance, reference lacking labels) stays out of the
+    # model index; the results table shows it with the reason.
+    return {
+        name: metric
+        for name, metric in results.get("metrics", {}).items()
+        if metric.get("defined") and metric.get("informative", True)
+    }
 
 
 def _eval_results(results: Mapping[str, Any] | None, dataset: str | None) -> list[EvalResult]:
@@ -475,17 +494,23 @@ def _results_section(results: Mapping[str, Any] | None, dataset: str | None) -> 
     rows = []
     for name, metric in results.get("metrics", {}).items():
         label, better = METRIC_NAMES.get(name, (name, ""))
-        chance = (metric.get("details") or {}).get("chance")
-        value = _format_number(metric["value"]) if metric.get("defined") else f"not defined: {metric.get('reason')}"
+        details = metric.get("details") or {}
+        reference = details.get("chance", details.get("no_batch_value"))
+        if not metric.get("defined"):
+            value = f"not defined: {metric.get('reason')}"
+        elif not metric.get("informative", True):
+            value = f"{_format_number(metric['value'])}, not informative: {metric.get('reason')}"
+        else:
+            value = _format_number(metric["value"])
         rows.append([f"{label} (`{name}`)", value, f"{metric.get('n')} {metric.get('unit', '')}".strip(),
-                     _format_number(chance) if chance is not None else "", better])
+                     _format_number(reference) if reference is not None else "", better])
     settings = results.get("settings") or {}
     return (
         f"## Results\n\nOn `{dataset}` (split `{results.get('split')}`): {results.get('n_images')} images → "
         f"{results.get('n_profiles')} {settings.get('profile_level', '')} profiles, aggregated by "
         f"{settings.get('aggregate')}, correction `{settings.get('correction')}`, input normalisation "
         f"`{results.get('input_normalization')}` (`results.json` in this repository holds every detail).\n\n"
-        + _table(["metric", "value", "n", "chance", "better"], rows)
+        + _table(["metric", "value", "n", "chance / no-batch value", "better"], rows)
     )
 
 
@@ -499,19 +524,21 @@ def _limitations_section(results: Mapping[str, Any] | None, training_args: Mappi
         tested = []
         for name in BATCH_METRICS:
             metric = metrics.get(name)
-            if not metric or not metric.get("defined"):
+            if not metric or not metric.get("defined") or not metric.get("informative", True):
                 continue
             details = metric.get("details") or {}
             groups = details.get("n_classes") or details.get("n_batches") or details.get("n_labels")
-            what = "plates" if name == "plate_classification" else "batches"
             tested.append(f"{METRIC_NAMES[name][0]} {_format_number(metric['value'])}"
-                          + (f" over {groups} {what}" if groups else "")
-                          + (f" (chance {_format_number(details['chance'])})" if "chance" in details else ""))
+                          + (f" over {groups} groups" if groups else "")
+                          + (f" (chance {_format_number(details['chance'])})" if "chance" in details else "")
+                          + (f" (no batch: {_format_number(details['no_batch_value'])})"
+                             if "no_batch_value" in details else ""))
         if tested:
             lines.append(f"- Batch effects measured on `{dataset}`: " + "; ".join(tested) + ".")
-        untested = [f"`{name}` ({metric.get('reason')})" for name, metric in metrics.items() if not metric.get("defined")]
+        untested = [f"`{name}` ({metric.get('reason')})" for name, metric in metrics.items()
+                    if not metric.get("defined") or not metric.get("informative", True)]
         if untested:
-            lines.append("- Not measured (not defined on the evaluation data): " + ", ".join(untested) + ".")
+            lines.append("- Not measured, or not informative, on the evaluation data: " + ", ".join(untested) + ".")
         if not tested:
             lines.append("- No batch-effect measure could be computed on the evaluation data: robustness to batch "
                          "effects is untested.")

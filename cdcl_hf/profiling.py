@@ -1,9 +1,14 @@
 """Profiles from embeddings: extraction, aggregation (image -> well -> treatment), correction, parquet I/O.
 
 A *profile table* is a pandas DataFrame in the layout pycytominer and copairs expect: metadata in
-columns prefixed ``Metadata_`` (``Metadata_plate``, ``Metadata_well``, ``Metadata_treatment``...),
-every other column a numeric feature. :func:`extract_embeddings` writes embedding features as
-``emb_0000``, ``emb_0001``...; any other feature names (e.g. CellProfiler's) work everywhere too.
+columns prefixed ``Metadata_``, every other column a numeric feature. The screen schema's columns get
+the names CellProfiler / pycytominer use (:data:`METADATA_NAMES`: ``Metadata_Plate``,
+``Metadata_Well``, ``Metadata_Batch``, ``Metadata_Compound``, ``Metadata_Concentration``,
+``Metadata_Treatment``, ``Metadata_moa`` as in the BBBC021 CellProfiler profiles), so
+``pycytominer.aggregate`` works with its default strata (``["Metadata_Plate", "Metadata_Well"]``).
+:func:`extract_embeddings` writes embedding features as ``emb_0000``, ``emb_0001``...; pass them to
+pycytominer as ``features=`` (:func:`feature_columns`). Any other feature names (e.g. CellProfiler's)
+work everywhere too.
 """
 
 from __future__ import annotations
@@ -30,6 +35,20 @@ from .screen_data import CHANNEL_NAMES_COLUMN, looks_like_local_path
 logger = logging.getLogger(__name__)
 
 METADATA_PREFIX = "Metadata_"
+# Profile-table names of the screen schema's columns: CellProfiler's capitalised names, which pycytominer's defaults
+# expect (aggregate's strata are Metadata_Plate / Metadata_Well); "moa" stays lower-case as in the BBBC021
+# CellProfiler profiles (Metadata_moa). Any other column x becomes Metadata_x, e.g. Metadata_is_control.
+METADATA_NAMES = {
+    "plate": "Metadata_Plate",
+    "well": "Metadata_Well",
+    "site": "Metadata_Site",
+    "batch": "Metadata_Batch",
+    "compound": "Metadata_Compound",
+    "concentration": "Metadata_Concentration",
+    "treatment": "Metadata_Treatment",
+    "moa": "Metadata_moa",
+    "replicate": "Metadata_Replicate",
+}
 EMBEDDING_PREFIX = "emb_"
 # Columns of a screen dataset that are pixels or bookkeeping, not per-image metadata.
 NON_METADATA_DATASET_COLUMNS = ("image", "channel_names")
@@ -50,6 +69,7 @@ PROCESSOR_FILE = "preprocessor_config.json"
 
 __all__ = [
     "METADATA_PREFIX",
+    "METADATA_NAMES",
     "AGGREGATION_METHODS",
     "CORRECTION_METHODS",
     "metadata_name",
@@ -80,8 +100,20 @@ __all__ = [
 
 
 def metadata_name(column: str) -> str:
-    """``"plate"`` -> ``"Metadata_plate"`` (already prefixed names are returned unchanged)."""
-    return column if column.startswith(METADATA_PREFIX) else METADATA_PREFIX + column
+    """The profile-table name of a dataset column.
+
+    ``"plate"`` -> ``"Metadata_Plate"`` (the schema's columns, :data:`METADATA_NAMES`), any other name ``x`` ->
+    ``"Metadata_x"``; already prefixed names are returned unchanged.
+
+    Args:
+        column (`str`): The dataset column's name.
+
+    Returns:
+        `str`: The ``Metadata_``-prefixed name.
+    """
+    if column.startswith(METADATA_PREFIX):
+        return column
+    return METADATA_NAMES.get(column, METADATA_PREFIX + column)
 
 
 def metadata_columns(profiles: pd.DataFrame) -> list[str]:
@@ -151,12 +183,12 @@ def aggregate_profiles(
     collect: Sequence[str] = (),
     count_column: str = "Metadata_n_profiles",
 ) -> pd.DataFrame:
-    """Aggregate profiles per group: image -> well (``by=["Metadata_plate", "Metadata_well"]``),
-    well -> treatment (``by=["Metadata_treatment"]``), ...
+    """Aggregate profiles per group: image -> well (``by=["Metadata_Plate", "Metadata_Well"]``),
+    well -> treatment (``by=["Metadata_Treatment"]``), ...
 
     Features: mean or median over the group's rows. Metadata: the ``by`` columns; every other
     metadata column that is constant within every group (e.g. MoA per treatment); the columns in
-    ``collect`` as a sorted tuple of the group's distinct values (e.g. ``Metadata_batch`` at
+    ``collect`` as a sorted tuple of the group's distinct values (e.g. ``Metadata_Batch`` at
     treatment level, which NSCB needs); ``count_column`` = rows per group. Metadata that varies
     within a group and is not collected is dropped, as pycytominer does.
     """
@@ -198,28 +230,53 @@ def correct_profiles(
     profiles: pd.DataFrame,
     method: str = "none",
     control_column: str = "Metadata_is_control",
-    plate_column: str = "Metadata_plate",
+    plate_column: str = "Metadata_Plate",
     per_plate: bool = False,
     epsilon: float = 1e-6,
 ) -> pd.DataFrame:
     """Correct features against the negative controls; metadata is returned unchanged.
 
     * ``"none"``: unchanged copy.
-    * ``"zscore"``: per plate, (x - mean of the plate's controls) / std of the plate's controls.
-    * ``"mad"``: per plate, robust version: (x - median) / (1.4826 x MAD) of the plate's controls.
+    * ``"zscore"``: per plate, (x - mean of the plate's controls) / std of the plate's controls. The std is the
+      population one (``ddof=0``, divide by n), as pycytominer's ``normalize(method="standardize")`` computes it
+      (scikit-learn's ``StandardScaler``); the two agree to rounding when called per plate with the controls as
+      ``samples`` (tests/test_pycytominer_compat.py).
+    * ``"mad"``: per plate, robust version: (x - median) / (1.4826 x MAD) of the plate's controls; pycytominer's
+      ``normalize(method="mad_robustize")`` per plate gives the same numbers (its ``epsilon`` of 1e-18 added to the
+      scale aside).
     * ``"tvn"``: typical variation normalisation (Ando et al. 2017): PCA whitening fitted on the
       control profiles, applied to all; features become the whitened principal components (at most
       number of controls - 1 of them). With ``per_plate=True`` each plate is first centred and scaled
       by its own controls (``"zscore"``), so that the whitening sees plate-free control variation;
       a separate PCA per plate is not used, because its axes would differ between plates.
-    * ``"sphering"``: ZCA whitening fitted on the controls (pycytominer's "spherize"):
-      x -> W (x - mean_controls), W = C^-1/2 regularised by ``epsilon`` on the eigenvalues; keeps
-      the original feature axes and dimension. ``per_plate=True`` z-scores per plate first.
+    * ``"sphering"``: ZCA whitening of the *covariance* fitted on the controls:
+      x -> W (x - mean_controls), W = C^-1/2 with C the controls' covariance (``ddof=1``) and ``epsilon`` added to
+      its eigenvalues; keeps the original feature axes and dimension. This is pycytominer's
+      ``normalize(method="spherize", spherize_method="ZCA")`` (which adds its epsilon to the singular values
+      instead), *not* its default ``"ZCA-cor"``, which first standardises each feature and whitens the
+      correlation matrix. ``per_plate=True`` z-scores each plate against its controls first.
 
     A feature with zero spread among a plate's controls is only centred there (its scale is 1):
     dividing by zero spread would create infinities. Standardising per plate (``"zscore"``, ``"mad"``,
     ``per_plate=True``) needs at least two control profiles on every plate, to estimate a spread at all: a plate with
     fewer raises ``ValueError`` naming it (and every other such plate).
+
+    Args:
+        profiles (`pd.DataFrame`):
+            ``Metadata_*`` columns + numeric features.
+        method (`str`, *optional*, defaults to `"none"`):
+            One of :data:`CORRECTION_METHODS`.
+        control_column (`str`, *optional*, defaults to `"Metadata_is_control"`):
+            The boolean column marking negative controls.
+        plate_column (`str`, *optional*, defaults to `"Metadata_Plate"`):
+            The plate column (per-plate standardisation).
+        per_plate (`bool`, *optional*, defaults to `False`):
+            ``"tvn"`` / ``"sphering"``: z-score each plate against its controls first.
+        epsilon (`float`, *optional*, defaults to 1e-6):
+            The eigenvalue regulariser of ``"sphering"``.
+
+    Returns:
+        `pd.DataFrame`: The corrected table, metadata first.
     """
     if method not in CORRECTION_METHODS:
         raise ValueError(f"correction must be one of {CORRECTION_METHODS}, got {method!r}")
@@ -282,7 +339,8 @@ def _standardise_per_plate(
             scale = MAD_TO_STD * np.median(np.abs(controls - centre), axis=0)
         else:
             centre = controls.mean(axis=0)
-            scale = controls.std(axis=0, ddof=1)
+            # ddof=0, the population std: pycytominer's "standardize" (scikit-learn's StandardScaler) uses it too.
+            scale = controls.std(axis=0, ddof=0)
         scale = np.where(scale > 0, scale, 1.0)
         corrected[on_plate] = (matrix[on_plate] - centre) / scale
     return corrected

@@ -16,7 +16,10 @@ CLI = ROOT / "training" / "evaluate_embeddings.py"
 METRIC_MODULE = ROOT / "metrics" / "cdcl_profiling"
 EXPECTED_METRICS = {
     "nsc", "nscb", "moa_map", "replicate_map", "knn_treatment_identification", "silhouette_moa",
-    "batch_classification", "plate_classification", "silhouette_batch", "kbet_acceptance",
+    "batch_classification_controls", "plate_classification_controls", "silhouette_batch_controls", "kbet_controls",
+    "ilisi_controls", "silhouette_batch_scib", "kbet_within_treatment", "kbet_within_moa",
+    "batch_classification_all_profiles", "plate_classification_all_profiles", "silhouette_batch_all_profiles",
+    "kbet_all_profiles", "ilisi_all_profiles",
 }
 
 
@@ -83,6 +86,20 @@ def test_cli_end_to_end_on_real_crops(crops_evaluation):
     for name, metric in report["metrics"].items():
         assert metric["defined"], (name, metric["reason"])  # 10 batches, 55 plates, 12 MoAs: all defined
         assert metric["n"] > 0
+        assert isinstance(metric["informative"], bool) and (metric["informative"] or metric["reason"])
+    metrics = report["metrics"]
+    # BBBC021 places each treatment in one week: held out, 238 of the 425 treated wells have no same-treatment
+    # reference, so the kNN identification is flagged, as is kBET within treatment (only taxol spans weeks).
+    knn = metrics["knn_treatment_identification"]
+    assert not knn["informative"] and knn["details"]["n_queries_label_absent_from_reference"] == 238
+    assert not metrics["kbet_within_treatment"]["informative"] and metrics["kbet_within_treatment"]["n"] == 1
+    # --correction tvn whitens the controls it was fitted on onto a simplex: controls-only batch scores are flagged.
+    assert not metrics["kbet_controls"]["informative"] and "equidistant" in metrics["kbet_controls"]["reason"]
+    assert metrics["kbet_within_moa"]["informative"] and metrics["kbet_within_moa"]["n"] >= 8
+    for name in ("batch_classification_controls", "nsc", "moa_map"):
+        assert "chance" in metrics[name]["details"], name
+    for name in ("kbet_controls", "ilisi_controls", "silhouette_batch_scib"):
+        assert "no_batch_value" in metrics[name]["details"], name
     nsc = report["metrics"]["nsc"]
     assert nsc["unit"] == "treatments" and 90 <= nsc["n"] <= 103
     assert 0.0 <= nsc["value"] <= 1.0
@@ -90,8 +107,9 @@ def test_cli_end_to_end_on_real_crops(crops_evaluation):
 
     images = pd.read_parquet(output_dir / "profiles_image.parquet")
     assert len(images) == 1000
-    assert {"Metadata_plate", "Metadata_well", "Metadata_batch", "Metadata_moa", "Metadata_treatment"} <= set(images)
-    assert "| nsc |" in (output_dir / "results.md").read_text()
+    assert {"Metadata_Plate", "Metadata_Well", "Metadata_Batch", "Metadata_moa", "Metadata_Treatment"} <= set(images)
+    table = (output_dir / "results.md").read_text()
+    assert "| nsc |" in table and "not informative" in table and "lacks the label of 238 of 425" in table
     with Image.open(output_dir / "projection_batch_moa.png") as png:
         assert png.format == "PNG" and png.width > 500
 
@@ -123,7 +141,7 @@ def test_cli_streams_a_screen_with_its_own_column_names(
     assert report["input_normalization"] == "per_plate:controls"
     streamed = pd.read_parquet(tmp_path / "out" / "profiles_image.parquet")
     in_memory = pd.read_parquet(crops_evaluation / "profiles_image.parquet")
-    in_memory = in_memory[in_memory["Metadata_plate"].isin(plates)].head(64).reset_index(drop=True)
+    in_memory = in_memory[in_memory["Metadata_Plate"].isin(plates)].head(64).reset_index(drop=True)
     pd.testing.assert_frame_equal(streamed, in_memory, atol=1e-5)
 
 
@@ -169,5 +187,7 @@ def test_metric_module_loads_by_path_and_reports_undefined_nscb():
     )
     assert scores["nsc"] == 1.0 and scores["n"]["nsc"] == 4
     assert scores["nscb"] is None and "single batch" in scores["undefined"]["nscb"]
-    assert scores["batch_classification"] is None and scores["kbet_acceptance"] is None
+    assert scores["batch_classification_all_profiles"] is None and scores["kbet_all_profiles"] is None
+    assert scores["kbet_controls"] is None and "two batches" in scores["undefined"]["kbet_controls"]
+    assert scores["not_informative"] == {}  # nothing computed here is flagged: every value that exists is readable
     assert scores["replicate_map"] == 1.0  # each replicate is closer to its twin than to any DMSO

@@ -5,13 +5,21 @@ import pandas as pd
 import pytest
 
 from cdcl_hf.metrics import (
+    HIGHER_IS_BETTER,
+    MetricResult,
+    _perplexity_weights,
     batch_classification_accuracy,
+    evaluate_profiles,
+    ilisi,
     kbet_acceptance_rate,
+    kbet_within_label,
     knn_identification,
     moa_retrieval_map,
     nsc_nscb_accuracy,
     replicate_retrieval_map,
+    results_markdown_table,
     silhouette,
+    silhouette_batch_scib,
 )
 from cdcl_hf.profiling import aggregate_profiles
 
@@ -30,15 +38,15 @@ def unit_vectors(degrees):
 def test_bbbc021_anchor_nsc_nscb(shared_data_dir):
     wells = pd.read_csv(shared_data_dir / "bbbc021_profiles" / "BBBC021_feature_selected_mad_robustize.csv")
     wells = wells[wells["Metadata_Compound"] != "DMSO"].copy()
-    wells["Metadata_batch"] = wells["Metadata_Plate"].str.split("_").str[0]  # "Week4_27861" -> "Week4"
+    wells["Metadata_Batch"] = wells["Metadata_Plate"].str.split("_").str[0]  # "Week4_27861" -> "Week4"
     treatments = aggregate_profiles(
-        wells, by=["Metadata_Compound", "Metadata_Concentration"], method="median", collect=["Metadata_batch"]
+        wells, by=["Metadata_Compound", "Metadata_Concentration"], method="median", collect=["Metadata_Batch"]
     )
     assert len(treatments) == 103
     features = treatments.filter(regex="^(?!Metadata_)").to_numpy()
     results = nsc_nscb_accuracy(
         features, treatments, moa_column="Metadata_moa", compound_column="Metadata_Compound",
-        batch_column="Metadata_batch",
+        batch_column="Metadata_Batch",
     )
     nsc, nscb = results["nsc"], results["nscb"]
     assert (nsc.n, nscb.n) == (103, 92)
@@ -59,9 +67,9 @@ def six_treatments(batches=("W1", "W2", "W1", "W2", "W1", "W2")):
     #       t3->t2 wrong, t4->t5 ok, t5->t4 ok                                        = 3/5
     metadata = pd.DataFrame(
         {
-            "Metadata_compound": ["cA", "cA", "cB", "cC", "cD", "cE"],
+            "Metadata_Compound": ["cA", "cA", "cB", "cC", "cD", "cE"],
             "Metadata_moa": ["X", "X", "X", "Y", "Y", "Y"],
-            "Metadata_batch": list(batches),
+            "Metadata_Batch": list(batches),
         }
     )
     return unit_vectors([0, 5, 30, 50, 90, 80]), metadata
@@ -102,7 +110,7 @@ def test_nsc_rejects_bad_input():
     with pytest.raises(ValueError, match="NaN"):
         nsc_nscb_accuracy(with_nan, metadata)
     with pytest.raises(ValueError, match="missing column"):
-        nsc_nscb_accuracy(embeddings, metadata.drop(columns="Metadata_batch"))
+        nsc_nscb_accuracy(embeddings, metadata.drop(columns="Metadata_Batch"))
     with pytest.raises(ValueError, match="rows"):
         nsc_nscb_accuracy(embeddings[:5], metadata)
     no_moa = metadata.assign(Metadata_moa=["X", None, "X", "Y", "Y", "Y"])
@@ -150,7 +158,7 @@ def test_replicate_map_against_other_treatments():
     # a1: b1, a2*        AP 1/2    a2: b1, a1*        AP 1/2
     # b1: a1, a2, b2*    AP 1/3    b2: a2, b1*, a1    AP 1/2
     # mAP(A) = 1/2, mAP(B) = 5/12 -> mean 11/24.
-    metadata = pd.DataFrame({"Metadata_treatment": ["A", "A", "B", "B"], "Metadata_is_control": [False] * 4})
+    metadata = pd.DataFrame({"Metadata_Treatment": ["A", "A", "B", "B"], "Metadata_is_control": [False] * 4})
     result = replicate_retrieval_map(unit_vectors([0, 10, 4, 90]), metadata, negatives="others", null_size=200)
     assert result.n == 2
     assert result.details["per_group"] == {"A": pytest.approx(0.5), "B": pytest.approx(5 / 12)}
@@ -163,7 +171,7 @@ def test_replicate_map_against_controls():
     # b2 (86): AP 1/3; b2 (90) sees c2 (30) and c1 (45) before b1 (86): AP 1/3. mAP A 1, B 1/3.
     metadata = pd.DataFrame(
         {
-            "Metadata_treatment": ["A", "A", "B", "B", "DMSO", "DMSO"],
+            "Metadata_Treatment": ["A", "A", "B", "B", "DMSO", "DMSO"],
             "Metadata_is_control": [False, False, False, False, True, True],
         }
     )
@@ -178,7 +186,7 @@ def test_moa_map_excludes_same_compound_positives():
     # cC: cB, cA5, cA0, cD* -> 1/4; cD: cB, cC*, ... -> 1/2
     # mAP(X) = 19/36, mAP(Y) = 3/8 -> mean 65/144.
     metadata = pd.DataFrame(
-        {"Metadata_compound": ["cA", "cA", "cB", "cC", "cD"], "Metadata_moa": ["X", "X", "X", "Y", "Y"]}
+        {"Metadata_Compound": ["cA", "cA", "cB", "cC", "cD"], "Metadata_moa": ["X", "X", "X", "Y", "Y"]}
     )
     result = moa_retrieval_map(unit_vectors([0, 5, 10, 8, 90]), metadata, null_size=200)
     assert result.n == 2
@@ -186,7 +194,7 @@ def test_moa_map_excludes_same_compound_positives():
 
 
 def test_map_without_controls_is_undefined():
-    metadata = pd.DataFrame({"Metadata_treatment": ["A", "A"], "Metadata_is_control": [False, False]})
+    metadata = pd.DataFrame({"Metadata_Treatment": ["A", "A"], "Metadata_is_control": [False, False]})
     result = replicate_retrieval_map(unit_vectors([0, 10]), metadata)
     assert not result.defined and "control" in result.reason
 
@@ -231,3 +239,161 @@ def test_kbet_separated_vs_interleaved():
     assert separated.value == pytest.approx(4 / 40)
     assert interleaved.value == 1.0  # every neighbourhood holds 3 A + 3 B (or 4/2 at the ends)
     assert not kbet_acceptance_rate(embeddings, ["A"] * 40).defined
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch measures that mean batch: scIB silhouette, kBET within label, iLISI, controls only
+# ---------------------------------------------------------------------------------------------
+
+
+def twin_batches(n=10, degrees_apart=9.0):
+    """Batches A and B at the very same n points on an arc: batch carries no information at all."""
+    points = unit_vectors(np.arange(n) * degrees_apart)
+    return np.vstack([points, points]), np.array(["A"] * n + ["B"] * n)
+
+
+def test_silhouette_batch_scib_mixed_separated_and_confounded():
+    mixed, batches = twin_batches(10)
+    # Each point's twin (distance 0) is in the other batch: a = S / (n - 1), b = S / n over the same distances S, so
+    # s = -1/n exactly and the score is 1 - 1/n.
+    result = silhouette_batch_scib(mixed, batches, ["X"] * 20)
+    assert result.value == pytest.approx(1 - 1 / 10) and result.n == 1
+    assert result.details["no_batch_value"] == 1.0
+    separated = unit_vectors(np.r_[np.arange(10) * 0.5, 90 + np.arange(10) * 0.5])
+    assert silhouette_batch_scib(separated, batches, ["X"] * 20).value < 0.05
+    # A label seen in one batch only (confounded with batch) is skipped, as scIB does, not scored as separation.
+    with_confounded = silhouette_batch_scib(
+        np.vstack([mixed, unit_vectors([200, 201, 202])]), np.r_[batches, ["A"] * 3], ["X"] * 20 + ["Y"] * 3)
+    assert with_confounded.value == pytest.approx(1 - 1 / 10)
+    assert (with_confounded.n, with_confounded.details["n_labels_skipped"]) == (1, 1)
+    assert not silhouette_batch_scib(mixed, ["A"] * 20, ["X"] * 20).defined
+
+
+def test_kbet_within_label_keeps_biology_out_of_batch():
+    # Three labels on three arcs: X holds A and B interleaved (mixed); Y is all A, Z all B (confounded with batch).
+    # Over all profiles the pure Y and Z neighbourhoods (10:0 against the global 1:1) are rejected; within X the
+    # batches mix, and Y and Z, one batch each, are skipped.
+    x = unit_vectors(np.arange(20) * 2.0)
+    embeddings = np.vstack([x, unit_vectors(120 + np.arange(20) * 2.0), unit_vectors(240 + np.arange(20) * 2.0)])
+    batches = np.array(["A", "B"] * 10 + ["A"] * 20 + ["B"] * 20)
+    labels = np.array(["X"] * 20 + ["Y"] * 20 + ["Z"] * 20)
+    overall = kbet_acceptance_rate(embeddings, batches, k=10)
+    within = kbet_within_label(embeddings, batches, labels)
+    assert overall.value <= 0.5
+    assert within.value == 1.0 and within.n == 1
+    assert within.details["n_labels_skipped_one_batch"] == 2 and within.details["n_profiles_scored"] == 20
+    # Separated within the label: rejected everywhere but at the boundary.
+    # k = 10 of 20: only the profiles near the boundary see both batches.
+    separated = kbet_within_label(x, ["A"] * 10 + ["B"] * 10, ["X"] * 20)
+    assert separated.value <= 0.3
+    too_small = kbet_within_label(x[:6], ["A", "B"] * 3, ["X"] * 6)
+    assert not too_small.defined and "1 too small" in too_small.reason
+
+
+def test_ilisi_mixed_separated_and_no_batch_value():
+    # Both batches drawn from one distribution: every neighbourhood holds about as many of each.
+    mixed = np.random.default_rng(0).normal(size=(200, 5))
+    result = ilisi(mixed, np.array(["A", "B"] * 100))  # perplexity 30, 90 neighbours
+    assert result.details["n_neighbours"] == 90 and result.details["no_batch_value"] == 1.0
+    assert 1.9 < result.details["ilisi_median"] <= 2.0 and result.value > 0.9
+    batches = np.array(["A"] * 40 + ["B"] * 40)
+    # Two clusters of 40, each one batch, 15 neighbours: every neighbourhood is pure, LISI 1, scaled 0.
+    separated = unit_vectors(np.r_[np.arange(40) * 0.5, 120 + np.arange(40) * 0.5])
+    apart = ilisi(separated, batches, perplexity=5)
+    assert apart.details["n_neighbours"] == 15
+    assert apart.details["ilisi_median"] == pytest.approx(1.0) and apart.value == pytest.approx(0.0)
+    # Unequal batches (10, 10, 20): perfect mixing gives 1 / (0.25^2 + 0.25^2 + 0.5^2) = 8/3, scaled (8/3 - 1) / 2.
+    uneven = ilisi(unit_vectors(np.arange(40)), ["A"] * 10 + ["B"] * 10 + ["C"] * 20, perplexity=5)
+    assert uneven.details["no_batch_value"] == pytest.approx((8 / 3 - 1) / 2)
+    assert not ilisi(mixed, ["A"] * 200).defined
+
+
+def test_perplexity_weights_reach_the_target_perplexity():
+    distances = np.sort(np.random.default_rng(0).uniform(0, 2, size=(5, 30)), axis=1)
+    weights = _perplexity_weights(distances, perplexity=7.0)
+    entropy = -(weights * np.log(weights)).sum(axis=1)
+    np.testing.assert_allclose(np.exp(entropy), 7.0, rtol=1e-6)
+    np.testing.assert_allclose(weights.sum(axis=1), 1.0)
+
+
+def test_knn_identification_flags_labels_missing_from_the_reference():
+    # Every treatment sits in one batch: held out, its label is never in the reference set.
+    embeddings = unit_vectors(np.arange(12) * 30.0)
+    result = knn_identification(embeddings, [f"t{i // 2}" for i in range(12)], ["W1", "W1", "W2", "W2"] * 3, k=1)
+    assert result.defined and not result.informative
+    assert result.details["n_queries_label_absent_from_reference"] == 12 and "lacks the label of 12 of 12" in result.reason
+    assert "not informative" in results_markdown_table({"knn_treatment_identification": result})
+
+
+def synthetic_screen(batch_shift: float, seed: int = 0, n_features: int = 8) -> pd.DataFrame:
+    """Three batches, 12 DMSO wells in each; six treatments, each in ONE batch (as compounds in BBBC021 weeks).
+
+    Treatments differ strongly by MoA and somewhat by compound; `batch_shift` moves every profile of a batch
+    (controls included).
+    """
+    rng = np.random.default_rng(seed)
+    batch_offsets = {b: batch_shift * rng.normal(size=n_features) for b in ("W1", "W2", "W3")}
+    moa_centres = {"X": 6 * rng.normal(size=n_features), "Y": 6 * rng.normal(size=n_features)}
+    rows = []
+    for batch_index, batch in enumerate(batch_offsets):
+        for _well in range(12):
+            rows.append(("DMSO", "DMSO", None, batch, True, rng.normal(size=n_features) + batch_offsets[batch]))
+        for moa, compound in (("X", f"cX{batch_index}"), ("Y", f"cY{batch_index}")):
+            compound_centre = moa_centres[moa] + 3 * rng.normal(size=n_features)
+            for _well in range(6):
+                rows.append((compound, compound, moa, batch, False,
+                             compound_centre + rng.normal(size=n_features) + batch_offsets[batch]))
+    table = pd.DataFrame(np.stack([r[5] for r in rows]), columns=[f"f{i}" for i in range(n_features)])
+    meta = pd.DataFrame({
+        "Metadata_Treatment": [r[0] for r in rows], "Metadata_Compound": [r[1] for r in rows],
+        "Metadata_moa": [r[2] for r in rows], "Metadata_Batch": [r[3] for r in rows],
+        "Metadata_Plate": [f"{r[3]}_P{i % 2}" for i, r in enumerate(rows)], "Metadata_is_control": [r[4] for r in rows],
+    })
+    return pd.concat([meta, table], axis=1)
+
+
+def test_controls_metrics_see_batch_where_all_profile_metrics_see_biology():
+    clean = evaluate_profiles(synthetic_screen(batch_shift=0.0), null_size=100)
+    shifted = evaluate_profiles(synthetic_screen(batch_shift=3.0), null_size=100)
+    # No batch effect: on controls the batch is not predictable and the batches mix...
+    assert clean["batch_classification_controls"].value <= clean["batch_classification_controls"].details["chance"] + 0.15
+    assert clean["kbet_controls"].value >= 0.8 and clean["ilisi_controls"].value >= 0.6
+    assert clean["silhouette_batch_controls"].value >= 0.85
+    # ... while on all profiles the compounds, each confined to one batch, make batch look predictable.
+    assert clean["batch_classification_all_profiles"].value >= clean["batch_classification_controls"].value + 0.1
+    # A real batch effect shows on the controls.
+    assert shifted["batch_classification_controls"].value >= 0.9
+    assert shifted["kbet_controls"].value <= 0.3 and shifted["ilisi_controls"].value <= 0.3
+    assert shifted["silhouette_batch_controls"].value < clean["silhouette_batch_controls"].value
+    # Within MoA (scIB's silhouette), compounds of one MoA in different batches mix less once batches are shifted.
+    assert clean["silhouette_batch_scib"].value > shifted["silhouette_batch_scib"].value + 0.2
+    assert clean["kbet_within_moa"].n == 2 and clean["kbet_within_moa"].informative  # both MoAs span 3 batches
+    # Each treatment sits in one batch: kBET within treatment has nothing to score.
+    assert not clean["kbet_within_treatment"].defined
+    assert clean["silhouette_batch_scib"].details["label"] == "MoA"
+    for name, result in clean.items():
+        assert name in HIGHER_IS_BETTER, name
+        assert "informative" in result.to_dict()
+
+
+def test_too_few_or_whitened_controls_are_flagged_not_informative():
+    screen = synthetic_screen(batch_shift=0.0)
+    # Keep 2 controls per batch: computed, but flagged.
+    keep = ~screen["Metadata_is_control"] | (screen.groupby("Metadata_Batch").cumcount() < 2)
+    few = evaluate_profiles(screen[keep].reset_index(drop=True), null_size=100)
+    result = few["kbet_controls"]
+    assert result.defined and not result.informative and "only 6 control profiles in 3 batches" in result.reason
+    # Controls whitened onto a simplex (what TVN fitted on them does): equidistant, whatever their batch.
+    from cdcl_hf.profiling import correct_profiles
+
+    # 40 features for 36 controls: TVN keeps 35 components, as many as 36 centred points span.
+    whitened = evaluate_profiles(correct_profiles(synthetic_screen(0.0, n_features=40), "tvn"), null_size=100)
+    assert not whitened["silhouette_batch_controls"].informative
+    assert "equidistant" in whitened["silhouette_batch_controls"].reason
+    assert whitened["kbet_within_moa"].informative  # treated profiles are not on the simplex
+
+
+def test_undefined_results_are_not_informative_and_serialise_the_flag():
+    result = MetricResult.undefined("x", "no batch")
+    assert result.to_dict()["informative"] is False
+    assert MetricResult("y", 0.5, 3, True).to_dict()["informative"] is True

@@ -53,8 +53,10 @@ RESULTS = {
         "nsc": metric(0.8125),
         "nscb": metric(None),
         "moa_map": metric(0.41, n=6, unit="MoAs"),
-        "batch_classification": metric(0.3, n=96, unit="profiles", chance=0.25, n_classes=4),
-        "kbet_acceptance": metric(0.7, n=96, unit="profiles", n_batches=4),
+        "batch_classification_controls": metric(0.3, n=24, unit="profiles", chance=0.25, n_classes=4),
+        "kbet_controls": metric(0.7, n=24, unit="profiles", n_batches=4, no_batch_value=0.95),
+        "knn_treatment_identification": {**metric(0.01, n=40, unit="queries", chance=0.03), "informative": False,
+                                         "reason": "0.010 is below its chance level 0.030"},
     },
 }
 
@@ -77,8 +79,10 @@ def test_front_matter_parses_and_the_model_index_matches_the_results():
     assert data["base_model"] == "facebook/deit-small-patch16-224" and data["base_model_relation"] == "finetune"
     entries = {(r.metric_type, r.metric_value, r.dataset_type, r.dataset_split, r.dataset_revision)
                for r in parsed.data.eval_results}
-    defined = {(name, m["value"], RESULTS["dataset"], "test", "v1.0") for name, m in RESULTS["metrics"].items() if m["defined"]}
+    defined = {(name, m["value"], RESULTS["dataset"], "test", "v1.0") for name, m in RESULTS["metrics"].items()
+               if m["defined"] and m.get("informative", True)}
     assert entries == defined and ("nscb", None) not in {(e[0], e[1]) for e in entries}
+    assert "knn_treatment_identification" not in {e[0] for e in entries}  # flagged: not informative
 
 
 def test_body_channels_normalisation_results_limitations_and_citation():
@@ -88,7 +92,9 @@ def test_body_channels_normalisation_results_limitations_and_citation():
     assert "| NSC (1-NN MoA accuracy, other compounds) (`nsc`) | 0.8125 | 10 treatments |" in text
     assert "not defined: only one batch" in text
     limitations = text.split("## Limitations", 1)[1].split("\n## ", 1)[0]
-    assert "Batch classification accuracy 0.3 over 4 batches (chance 0.25)" in limitations
+    assert "Batch classification accuracy, negative controls 0.3 over 4 groups (chance 0.25)" in limitations
+    assert "kBET acceptance, negative controls 0.7 over 4 groups (no batch: 0.95)" in limitations
+    assert "0.01, not informative: 0.010 is below its chance level 0.030" in text
     assert "`nscb` (only one batch)" in limitations and "values of `batch`" in limitations
     assert "Evaluated on the screen and split it was trained on" not in limitations  # split test != train
     assert "Format: stock `Dinov2Model`" in text

@@ -20,11 +20,11 @@ def image_table():
     """Six image profiles: two wells on plate P1 (one control), one well on P2 (week 2)."""
     return pd.DataFrame(
         {
-            "Metadata_plate": ["P1", "P1", "P1", "P1", "P2", "P2"],
-            "Metadata_well": ["A01", "A01", "A02", "A02", "A01", "A01"],
-            "Metadata_batch": ["W1", "W1", "W1", "W1", "W2", "W2"],
-            "Metadata_treatment": ["t", "t", "DMSO", "DMSO", "t", "t"],
-            "Metadata_site": ["1", "2", "1", "2", "1", "2"],
+            "Metadata_Plate": ["P1", "P1", "P1", "P1", "P2", "P2"],
+            "Metadata_Well": ["A01", "A01", "A02", "A02", "A01", "A01"],
+            "Metadata_Batch": ["W1", "W1", "W1", "W1", "W2", "W2"],
+            "Metadata_Treatment": ["t", "t", "DMSO", "DMSO", "t", "t"],
+            "Metadata_Site": ["1", "2", "1", "2", "1", "2"],
             "f1": [1.0, 3.0, 0.0, 10.0, 5.0, 7.0],
             "f2": [2.0, 2.0, 4.0, 4.0, 0.0, 1.0],
         }
@@ -32,28 +32,28 @@ def image_table():
 
 
 def test_aggregate_image_to_well_to_treatment():
-    wells = aggregate_profiles(image_table(), by=["Metadata_plate", "Metadata_well"], method="mean")
+    wells = aggregate_profiles(image_table(), by=["Metadata_Plate", "Metadata_Well"], method="mean")
     assert wells["f1"].tolist() == [2.0, 5.0, 6.0]
-    assert "Metadata_site" not in wells.columns  # varies within a well: dropped, as pycytominer does
-    assert wells["Metadata_batch"].tolist() == ["W1", "W1", "W2"]  # constant within a well: kept
+    assert "Metadata_Site" not in wells.columns  # varies within a well: dropped, as pycytominer does
+    assert wells["Metadata_Batch"].tolist() == ["W1", "W1", "W2"]  # constant within a well: kept
     assert wells["Metadata_n_profiles"].tolist() == [2, 2, 2]
 
-    treatments = aggregate_profiles(wells, by=["Metadata_treatment"], method="median", collect=["Metadata_batch"])
-    treated = treatments.set_index("Metadata_treatment").loc["t"]
+    treatments = aggregate_profiles(wells, by=["Metadata_Treatment"], method="median", collect=["Metadata_Batch"])
+    treated = treatments.set_index("Metadata_Treatment").loc["t"]
     assert treated["f1"] == 4.0  # median of the well means 2 and 6
-    assert treated["Metadata_batch"] == ("W1", "W2")
+    assert treated["Metadata_Batch"] == ("W1", "W2")
 
 
 def test_aggregate_rejects_bad_input():
     table = image_table()
     with pytest.raises(ValueError, match="method"):
-        aggregate_profiles(table, by=["Metadata_well"], method="max")
+        aggregate_profiles(table, by=["Metadata_Well"], method="max")
     with pytest.raises(ValueError, match="Metadata_moa"):
         aggregate_profiles(table, by=["Metadata_moa"])
     with pytest.raises(ValueError, match="NaN"):
-        aggregate_profiles(table.assign(f1=np.nan), by=["Metadata_well"])
+        aggregate_profiles(table.assign(f1=np.nan), by=["Metadata_Well"])
     with pytest.raises(ValueError, match="non-numeric"):
-        feature_columns(table.rename(columns={"Metadata_site": "site"}))
+        feature_columns(table.rename(columns={"Metadata_Site": "site"}))
 
 
 def plate_table():
@@ -62,7 +62,7 @@ def plate_table():
     features = np.vstack([base, base * 2 + 100])
     return pd.DataFrame(
         {
-            "Metadata_plate": ["P1"] * 4 + ["P2"] * 4,
+            "Metadata_Plate": ["P1"] * 4 + ["P2"] * 4,
             "Metadata_is_control": [True, True, True, False] * 2,
             "f1": features[:, 0],
             "f2": features[:, 1],
@@ -74,12 +74,13 @@ def test_zscore_and_mad_remove_plate_effects():
     table = plate_table()
     for method in ("zscore", "mad"):
         corrected = correct_profiles(table, method)
-        p1 = corrected[corrected["Metadata_plate"] == "P1"][["f1", "f2"]].to_numpy()
-        p2 = corrected[corrected["Metadata_plate"] == "P2"][["f1", "f2"]].to_numpy()
+        p1 = corrected[corrected["Metadata_Plate"] == "P1"][["f1", "f2"]].to_numpy()
+        p2 = corrected[corrected["Metadata_Plate"] == "P2"][["f1", "f2"]].to_numpy()
         np.testing.assert_allclose(p1, p2)  # the shift and scale between plates are gone
     zscored = correct_profiles(table, "zscore")
-    # Plate P1 f1 controls 0, 2, 4: mean 2, std 2 -> the treated well at 10 becomes 4.
-    assert zscored.loc[3, "f1"] == pytest.approx(4.0)
+    # Plate P1 f1 controls 0, 2, 4: mean 2, population std (ddof=0, as pycytominer's standardize) sqrt(8/3)
+    # -> the treated well at 10 becomes 8 / sqrt(8/3) = sqrt(24); the sample std (ddof=1) would give 4.
+    assert zscored.loc[3, "f1"] == pytest.approx(np.sqrt(24.0))
     robust = correct_profiles(table, "mad")
     # median 2, MAD 2 -> (10 - 2) / (1.4826 * 2)
     assert robust.loc[3, "f1"] == pytest.approx(8 / (1.4826 * 2))
@@ -90,11 +91,11 @@ def test_tvn_and_sphering_whiten_the_controls():
     mixing = np.array([[3.0, 0.0, 0.0], [1.0, 0.5, 0.0], [0.0, 2.0, 1.0]])
     features = rng.normal(size=(60, 3)) @ mixing
     table = pd.DataFrame(features, columns=["a", "b", "c"]).assign(
-        Metadata_is_control=[True] * 50 + [False] * 10, Metadata_plate="P1"
+        Metadata_is_control=[True] * 50 + [False] * 10, Metadata_Plate="P1"
     )
     for method in ("tvn", "sphering"):
         corrected = correct_profiles(table, method, epsilon=0.0)
-        controls = corrected[corrected["Metadata_is_control"]].drop(columns=["Metadata_is_control", "Metadata_plate"])
+        controls = corrected[corrected["Metadata_is_control"]].drop(columns=["Metadata_is_control", "Metadata_Plate"])
         np.testing.assert_allclose(np.cov(controls.to_numpy(), rowvar=False), np.eye(3), atol=1e-8)
         np.testing.assert_allclose(controls.mean().to_numpy(), 0.0, atol=1e-10)
     assert feature_columns(correct_profiles(table, "sphering")) == ["a", "b", "c"]  # ZCA keeps the axes
@@ -116,8 +117,8 @@ def test_correction_bad_input():
 
 
 def test_parquet_round_trip_keeps_collected_batches(tmp_path):
-    wells = aggregate_profiles(image_table(), by=["Metadata_plate", "Metadata_well"])
-    treatments = aggregate_profiles(wells, by=["Metadata_treatment"], collect=["Metadata_batch"])
+    wells = aggregate_profiles(image_table(), by=["Metadata_Plate", "Metadata_Well"])
+    treatments = aggregate_profiles(wells, by=["Metadata_Treatment"], collect=["Metadata_Batch"])
     path = write_profiles(treatments, tmp_path / "profiles.parquet")
     again = read_profiles(path)
     pd.testing.assert_frame_equal(again, treatments, check_dtype=False)
@@ -168,12 +169,12 @@ def test_extract_embeddings_writes_metadata_columns(tiny_screen, tiny_model):
     dataset, _ = tiny_screen
     profiles = extract_embeddings(tiny_model, dataset, batch_size=2, device="cpu", progress=False)
     assert len(profiles) == 5
-    assert {"Metadata_plate", "Metadata_well", "Metadata_treatment", "Metadata_moa", "Metadata_is_control"} <= set(
+    assert {"Metadata_Plate", "Metadata_Well", "Metadata_Treatment", "Metadata_moa", "Metadata_is_control"} <= set(
         profiles.columns
     )
     features = feature_columns(profiles)
     assert len(features) == tiny_model.config.hidden_size
-    assert profiles["Metadata_plate"].tolist() == ["P1", "P1", "P1", "P2", "P2"]
+    assert profiles["Metadata_Plate"].tolist() == ["P1", "P1", "P1", "P2", "P2"]
     # Batch size must not change the numbers.
     one_by_one = extract_embeddings(tiny_model, dataset, batch_size=1, device="cpu", progress=False)
     np.testing.assert_allclose(one_by_one[features], profiles[features], atol=1e-5)

@@ -184,7 +184,7 @@ def expected_neighbours(profiles: Path, embedding: np.ndarray, k: int = 5) -> li
     """Treatments ranked by cosine similarity of their median well profile, computed here independently."""
     table = pd.read_parquet(profiles)
     features = [c for c in table.columns if c.startswith("emb_")]
-    medians = table.groupby("Metadata_treatment")[features].median()
+    medians = table.groupby("Metadata_Treatment")[features].median()
     unit = medians.to_numpy() / np.linalg.norm(medians.to_numpy(), axis=1, keepdims=True)
     order = np.argsort(-(unit @ (embedding / np.linalg.norm(embedding))))[:k]
     return list(medians.index[order])
@@ -284,7 +284,7 @@ def test_space_embeds_an_upload_and_finds_neighbours(client, local_pipeline, ref
     similarities = [r[3] for r in neighbours["data"]]
     assert similarities == sorted(similarities, reverse=True)
     table = pd.read_parquet(reference_profiles)
-    moa_of = dict(zip(table["Metadata_treatment"], table["Metadata_moa"], strict=True))
+    moa_of = dict(zip(table["Metadata_Treatment"], table["Metadata_moa"], strict=True))
     assert [r[2] for r in neighbours["data"]] == [moa_of[t] for t in ranked]
     assert f"**{ranked[0]}**" in summary
 
@@ -371,7 +371,7 @@ def test_app_settings_and_examples(space_model, reference_profiles, monkeypatch)
 
     references = app.References.from_parquet(reference_profiles)
     table = pd.read_parquet(reference_profiles)
-    assert len(references.table) == table["Metadata_treatment"].nunique()
+    assert len(references.table) == table["Metadata_Treatment"].nunique()
     wide = reference_profiles.with_name("wide.parquet")
     table.assign(emb_extra=0.0).to_parquet(wide)
     with pytest.raises(ValueError, match="reference profiles have 65 features but .* embeds into 64"):
@@ -417,6 +417,6 @@ def test_space_in_headless_chromium(space_model, shared_data_dir, tmp_path, tmp_
         blocks.close()
     print(f"\nscreenshot of the Space: {screenshot}")
     assert crop.name in text and "64-dimensional" in text
-    treatments = set(pd.read_parquet(profiles)["Metadata_treatment"])
+    treatments = set(pd.read_parquet(profiles)["Metadata_Treatment"])
     assert any(treatment in text for treatment in treatments)
     assert screenshot.stat().st_size > 20_000

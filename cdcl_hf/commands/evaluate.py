@@ -13,7 +13,8 @@ Writes to --output_dir:
     profiles_image.parquet   one row per image (Metadata_* columns + emb_* features)
     profiles_well.parquet    per-well aggregate (when --profile_level well, the default)
     profiles_evaluated.parquet  the corrected profiles the metrics were computed on
-    results.json             settings + every metric with value, n, defined, reason, details
+    results.json             settings + every metric with value, n, defined, informative, reason, details
+                             (details.chance / details.no_batch_value: the level a value is read against)
     results.md               the same as a markdown table
     projection_batch_moa.png 2-D PCA projection coloured by batch and by MoA
 
@@ -49,7 +50,7 @@ from ..cli import (
     positive_int,
 )
 from ..image_io import decode_image
-from ..metrics import evaluate_profiles, results_markdown_table
+from ..metrics import evaluate_profiles, reference_note, results_markdown_table
 from ..normalization import PLATE_STATISTICS_SOURCES, PlateNormalization
 from ..outputs import (
     OUTPUT_MARKER,
@@ -350,6 +351,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"# Profiling evaluation\n\nmodel `{args.model}`, dataset `{args.dataset_name}` ({args.split}), "
         f"{len(images)} images -> {len(profiles)} {args.profile_level} profiles; aggregate {args.aggregate}, "
         f"correction {args.correction}{' per plate' if args.per_plate else ''}.\n\n"
+        "Batch is scored three ways: on the negative controls (`*_controls`), within biological labels "
+        "(`silhouette_batch_scib`, `kbet_within_*`), and on all profiles (`*_all_profiles`, where differences "
+        "between treatments confined to some batches count as batch). A value in parentheses is *not "
+        "informative* on this screen, for the reason given. Definitions: docs/evaluation.md.\n\n"
     )
 
     # Every file goes into a staging folder beside --output_dir, swapped in only once all are written: a failed or
@@ -397,10 +402,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def results_markdown_table_from_report(report: dict[str, Any]) -> str:
+    """The scores of a ``results.json`` report as aligned text lines, one per metric.
+
+    A value flagged not informative (``"informative": false``) is printed in parentheses with its reason, never as a
+    bare number; the chance / no-batch value follows where the metric has one.
+
+    Args:
+        report (`dict`): The report :func:`run` returns (and writes to ``results.json``).
+
+    Returns:
+        `str`: The lines, joined.
+    """
     lines = []
     for name, metric in report["metrics"].items():
-        value = f"{metric['value']:.3f}" if metric["defined"] else f"not defined ({metric['reason']})"
-        lines.append(f"{name:>30}: {value}  (n={metric['n']} {metric['unit']})")
+        if not metric["defined"]:
+            value = f"not defined ({metric['reason']})"
+        elif not metric.get("informative", True):
+            value = f"({metric['value']:.3f}) not informative: {metric['reason']}"
+        else:
+            value = f"{metric['value']:.3f}"
+        reference = reference_note(metric.get("details") or {})
+        lines.append(f"{name:>34}: {value}  (n={metric['n']} {metric['unit']}{'; ' + reference if reference else ''})")
     return "\n".join(lines)
 
 

@@ -14,7 +14,7 @@ Settings (environment variables; on a Space, set them under Settings -> Variable
                     (profiles_well.parquet or profiles_image.parquet: `Metadata_*` columns + `emb_*` features; not
                     profiles_evaluated.parquet, whose features are corrected per plate). Default: profiles.parquet
                     beside this file, if there is one.
-    CDCL_REFERENCE_LABEL  the metadata column references are grouped by (default: Metadata_treatment).
+    CDCL_REFERENCE_LABEL  the metadata column references are grouped by (default: Metadata_Treatment).
 
 Run locally: `pip install -r requirements.txt && CDCL_MODEL=org/cdcl-vit python app.py`.
 """
@@ -48,7 +48,8 @@ APP_DIR = Path(__file__).resolve().parent
 EXAMPLES_DIR = APP_DIR / "examples"
 IMAGE_SUFFIXES = (".npy", ".tif", ".tiff", ".png")
 METADATA_PREFIX, FEATURE_PREFIX = "Metadata_", "emb_"
-LABEL_COLUMNS = ("Metadata_treatment", "Metadata_compound", "Metadata_moa")
+# CellProfiler / pycytominer names (cdcl-evaluate writes them); the lower-case ones of profiles written before it did.
+LABEL_COLUMNS = ("Metadata_Treatment", "Metadata_Compound", "Metadata_moa", "Metadata_treatment", "Metadata_compound")
 MOA_COLUMN = "Metadata_moa"
 NEIGHBOURS = 5
 # Colours of channels 0, 1, 2, ... in the composite (additive): the usual DNA-blue first, then green, red, ...
@@ -105,8 +106,8 @@ class References:
 
         Args:
             path (`str` or `os.PathLike`): The parquet (`Metadata_*` columns + `emb_*` features).
-            label_column (`str`, *optional*): The column to group by; default: the first of Metadata_treatment,
-                Metadata_compound, Metadata_moa the table has.
+            label_column (`str`, *optional*): The column to group by; default: the first of Metadata_Treatment,
+                Metadata_Compound, Metadata_moa the table has.
 
         Raises:
             ValueError: The file holds no embedding features or no label column.
@@ -148,7 +149,8 @@ class References:
         unit = self.features / np.linalg.norm(self.features, axis=1, keepdims=True).clip(1e-12)
         similarity = unit @ (embedding / max(np.linalg.norm(embedding), 1e-12))
         order = np.argsort(-similarity)[:k]
-        name = self.label_column.removeprefix(METADATA_PREFIX)
+        # Lower case whatever the column's spelling (Metadata_Treatment, Metadata_treatment): the header is a word.
+        name = self.label_column.removeprefix(METADATA_PREFIX).lower()
         return pd.DataFrame({
             "rank": np.arange(1, len(order) + 1),
             name: self.table["label"].to_numpy()[order],
