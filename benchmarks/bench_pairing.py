@@ -1,10 +1,16 @@
-"""Partner sampling cost versus dataset size.
+"""Partner sampling cost versus dataset size, and evaluation cost versus profile count.
 
-Builds a `PartnerIndex` for 1e3..1e6 items (labels ~ N/20 so each label keeps ~20 images over 24
+Builds a `PartnerIndex` for 1e3..1e7 items (labels ~ N/20 so each label keeps ~20 images over 24
 domains, like RxRx1-sized label groups) and times, per item:
 - `sample_partner` (the per-item path used by the map-style dataset),
 - `sample_partners` (vectorised),
-- for contrast, the research code's approach: filter the whole table per item (50 items).
+- for contrast, the research code's approach: filter the whole table per item (50 items),
+and reports the index's memory (the bytes of its arrays).
+
+Evaluation: `cdcl_hf.metrics.evaluate_profiles` on synthetic image-level profiles (64 features; ~10 replicates per
+treatment, 12 MoAs, 10 batches, 40 plates, 20 % controls) at 1e3, 1e4, 1e5 rows, each size in its own process
+with a time and memory limit (a size that exceeds them is recorded as such); the time of each metric function it
+calls is recorded, so the cost curve of NSC / NSCB / mAP / kNN / batch measures is known.
 Writes benchmarks/results/pairing.json. Run: python benchmarks/bench_pairing.py [--quick]
 """
 
@@ -14,6 +20,8 @@ import argparse
 import json
 import platform
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +31,16 @@ import pandas as pd
 from cdcl_hf.pairing import PartnerIndex
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def _best_of(repeats: int, fn) -> float:
     best = float("inf")
     for _ in range(repeats):
@@ -30,6 +48,10 @@ def _best_of(repeats: int, fn) -> float:
         fn()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def _index_bytes(index: PartnerIndex) -> int:
+    return sum(v.nbytes for v in vars(index).values() if isinstance(v, np.ndarray))
 
 
 def bench_size(n: int, draws: int, with_naive: bool, repeats: int) -> dict:
@@ -56,6 +78,7 @@ def bench_size(n: int, draws: int, with_naive: bool, repeats: int) -> dict:
         "build_s": round(build_s, 4),
         "per_item_us": round(_best_of(repeats, per_item) / draws * 1e6, 3),
         "vectorised_per_item_us": round(_best_of(repeats, vectorised) / draws * 1e6, 4),
+        "index_mib": round(_index_bytes(index) / 2**20, 2),
         "counts": index.counts,
     }
     if with_naive:
@@ -82,12 +105,96 @@ def bench(sizes: list[int], draws: int, naive_limit: int, repeats: int) -> list[
     return rows
 
 
+EVALUATION_STAGES = (
+    "nsc_nscb_accuracy", "knn_identification", "replicate_retrieval_map", "moa_retrieval_map",
+    "batch_classification_accuracy", "silhouette", "silhouette_batch_scib", "kbet_acceptance_rate",
+    "kbet_within_label", "ilisi",
+)
+
+
+def _synthetic_profiles(n: int, features: int = 64, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    treatments = max(n // 10, 4)
+    moa_of = rng.integers(0, 12, treatments)
+    treatment = rng.integers(0, treatments, n)
+    control = rng.random(n) < 0.2
+    batch = rng.integers(0, 10, n)
+    plate = batch * 4 + rng.integers(0, 4, n)
+    moa_centres = rng.normal(size=(12, features))
+    batch_offsets = 0.3 * rng.normal(size=(10, features))
+    x = rng.normal(size=(n, features)) + batch_offsets[batch]
+    x[~control] += moa_centres[moa_of[treatment[~control]]]
+    names = np.where(control, "DMSO", np.char.add("T", treatment.astype(str)))
+    frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(features)])
+    frame.insert(0, "Metadata_Treatment", names)
+    frame.insert(1, "Metadata_Compound", np.where(control, "DMSO", np.char.add("C", (treatment // 2).astype(str))))
+    frame.insert(2, "Metadata_moa", np.where(control, "control", np.char.add("M", moa_of[treatment].astype(str))))
+    frame.insert(3, "Metadata_Batch", np.char.add("B", batch.astype(str)))
+    frame.insert(4, "Metadata_Plate", np.char.add("P", plate.astype(str)))
+    frame.insert(5, "Metadata_is_control", control)
+    return frame
+
+
+def _evaluate_one(n: int) -> dict:
+    """In a child process: time `evaluate_profiles` on n synthetic profiles, per metric function."""
+    import cdcl_hf.metrics as metrics
+
+    profiles = _synthetic_profiles(n)
+    seconds: dict[str, float] = {}
+    for name in EVALUATION_STAGES:
+        function = getattr(metrics, name, None)
+        if function is None:
+            continue
+
+        def timed(*args, _function=function, _name=name, **kwargs):
+            start = time.perf_counter()
+            try:
+                return _function(*args, **kwargs)
+            finally:
+                seconds[_name] = seconds.get(_name, 0.0) + time.perf_counter() - start
+
+        setattr(metrics, name, timed)
+    start = time.perf_counter()
+    metrics.evaluate_profiles(profiles, null_size=1000)
+    seconds["total"] = time.perf_counter() - start
+    return {"profiles": n, "seconds": {k: round(v, 4) for k, v in seconds.items()}}
+
+
+def bench_evaluation(sizes: list[int], timeout_s: float, memory_gib: float) -> dict:
+    rows = []
+    for n in sizes:
+        code = (
+            "import json, resource, sys; sys.path.insert(0, sys.argv[1]); "
+            f"resource.setrlimit(resource.RLIMIT_AS, ({int(memory_gib * 2**30)}, {int(memory_gib * 2**30)})); "
+            "import bench_pairing; print('RESULT ' + json.dumps(bench_pairing._evaluate_one(int(sys.argv[2]))))"
+        )
+        start = time.perf_counter()
+        try:
+            done = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), str(n)],
+                                  capture_output=True, text=True, timeout=timeout_s)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+            if lines:
+                row = json.loads(lines[-1][len("RESULT "):])
+            else:
+                tail = (done.stderr.strip().splitlines() or ["?"])[-1]
+                row = {"profiles": n, "seconds": {}, "failed": f"exit {done.returncode}: {tail[:300]}"}
+        except subprocess.TimeoutExpired:
+            row = {"profiles": n, "seconds": {}, "failed": f"over the {timeout_s:.0f} s limit"}
+        row["wall_s_incl_start"] = round(time.perf_counter() - start, 2)
+        rows.append(row)
+        print(json.dumps(row))
+        if "failed" in row:
+            break  # a larger size would fail too
+    return {"stages": [*EVALUATION_STAGES, "total"], "timeout_s": timeout_s, "memory_limit_gib": memory_gib,
+            "results": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="fewer draws (a smoke run)")
+    parser.add_argument("--quick", action="store_true", help="fewer draws and sizes (a smoke run)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "pairing.json"))
     args = parser.parse_args()
-    sizes = [1_000, 10_000, 100_000, 1_000_000]
+    sizes = [1_000, 10_000, 100_000] if args.quick else [1_000, 10_000, 100_000, 1_000_000, 10_000_000]
     draws = 2_000 if args.quick else 20_000
     rows = bench(sizes, draws=draws, naive_limit=1_000_000, repeats=3)
     flat_ratio = rows[-1]["per_item_us"] / rows[0]["per_item_us"]
@@ -96,6 +203,7 @@ def main() -> None:
         "machine": {
             "python": platform.python_version(),
             "processor": platform.processor() or platform.machine(),
+            "cpu": _cpu_model(),
         },
         "draws_per_size": draws,
         "per_item_us_ratio_1e6_vs_1e3": round(flat_ratio, 3),
@@ -105,6 +213,8 @@ def main() -> None:
             "not extra work. The naive per-item table filter grows linearly."
         ),
         "results": rows,
+        "evaluation": bench_evaluation([300] if args.quick else [1_000, 10_000, 100_000],
+                                       timeout_s=120 if args.quick else 300, memory_gib=16),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -179,6 +179,14 @@ class MultiCropAugmentation:
     def view_sources(self) -> torch.Tensor:
         return crop_sources(self.num_local_crops)
 
+    def prepare(self, image: torch.Tensor) -> torch.Tensor:
+        """The image every view is cut from: float32, resized to `resize_to` (shorter side) when set.
+
+        Idempotent (a prepared image is returned as it is), so a data set may prepare an image once, cache it, and
+        pass the prepared image to `__call__` with bit-identical views.
+        """
+        return self._prepare(image)
+
     def _prepare(self, image: torch.Tensor) -> torch.Tensor:
         if image.ndim != 3:
             raise ValueError(f"expected a (C,H,W) tensor, got shape {tuple(image.shape)}")
@@ -240,7 +248,7 @@ class MultiCropAugmentation:
         if generator is None:
             generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
         x = self._prepare(image)
-        x_partner = x if partner is None else self._prepare(partner)
+        x_partner = x if partner is None or partner is image else self._prepare(partner)
         if x_partner.shape[0] != x.shape[0]:
             raise ValueError(f"image has {x.shape[0]} channels but partner has {x_partner.shape[0]}")
         sources = (x, x_partner)

@@ -84,6 +84,12 @@ def _factorize(values: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
     Missing values are an error because a missing label or domain silently forming its own group
     would produce wrong pairs.
     """
+    array = values.to_numpy() if isinstance(values, pd.Series) else values
+    if isinstance(array, np.ndarray) and np.issubdtype(array.dtype, np.integer):
+        # Integer columns: factorize the numbers directly (10x faster than as Python objects at 1e6 items); the
+        # codes are the same and the uniques are given back as the same Python ints.
+        codes, uniques = pd.factorize(array, sort=True)
+        return codes.astype(np.int64), np.asarray(uniques.tolist(), dtype=object)
     series = pd.Series(np.asarray(values, dtype=object) if not isinstance(values, pd.Series) else values)
     codes, uniques = pd.factorize(series, sort=True)
     missing = int((codes < 0).sum())
@@ -387,6 +393,11 @@ class CrossDomainPairDataset(Dataset):
         image_loader (`Callable[[Any], torch.Tensor]`, *optional*):
             Maps `base_dataset[i]` to a float (C,H,W) tensor (e.g. decoding and per-plate
             normalisation: training uses `cdcl_hf.normalization.PlateNormalization.load_normalized`).
+        cache_bytes (`int`, *optional*, defaults to 0):
+            Keep up to this many bytes of loaded images in memory (per process / data-loader worker), so an image
+            drawn again (as a partner, or in a later epoch) is not decoded again. Loading is deterministic, so the
+            items are identical with or without the cache; 0 disables it. The transform must not modify its
+            input images in place (`MultiCropAugmentation` does not).
     """
 
     def __init__(
@@ -397,6 +408,7 @@ class CrossDomainPairDataset(Dataset):
         mode: PairingMode | str = "cross_domain",
         seed: int = 0,
         image_loader: Callable[[Any], torch.Tensor] | None = None,
+        cache_bytes: int = 0,
     ):
         if len(base_dataset) != index.num_items:
             raise ValueError(
@@ -411,6 +423,24 @@ class CrossDomainPairDataset(Dataset):
         # In same_image mode there is no partner, so the single-domain policy must not drop anything.
         self.items = index.eligible if self.mode is PairingMode.CROSS_DOMAIN else np.arange(index.num_items)
         self.epoch = 0
+        self.cache_bytes = int(cache_bytes)
+        self._cache: dict[int, torch.Tensor] = {}
+        self._cached_bytes = 0
+
+    def load_image(self, item: int) -> torch.Tensor:
+        """The loaded (and, if the transform has an idempotent `prepare`, prepared) image of base item `item`."""
+        image = self._cache.get(item)
+        if image is not None:
+            return image
+        image = self.image_loader(self.base_dataset[item])
+        prepare = getattr(self.transform, "prepare", None)
+        if prepare is not None:  # e.g. MultiCropAugmentation's resize: idempotent, so done once per cached image
+            image = prepare(image)
+        size = image.element_size() * image.nelement() if isinstance(image, torch.Tensor) else 0
+        if size and self._cached_bytes + size <= self.cache_bytes:
+            self._cache[item] = image
+            self._cached_bytes += size
+        return image
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -431,8 +461,8 @@ class CrossDomainPairDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         epoch, idx = (int(key[0]), int(key[1])) if isinstance(key, tuple) else (self.epoch, int(key))
         item, partner, case = self.pair_for(idx, epoch)
-        image = self.image_loader(self.base_dataset[item])
-        partner_image = image if partner == item else self.image_loader(self.base_dataset[partner])
+        image = self.load_image(item)
+        partner_image = image if partner == item else self.load_image(partner)
         out: dict[str, Any]
         if self.transform is None:
             out = {"image": image, "partner_image": partner_image}

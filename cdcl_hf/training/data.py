@@ -22,6 +22,11 @@ __all__ = ["TrainData", "load_training_screen", "build_train_data"]
 
 logger = get_logger(__name__)
 
+# Decoded, normalised images kept in memory by a map-style run (shared out among the data-loader workers): a
+# small screen (e.g. 1,000 68x68x3 crops = 55 MB) is then decoded once, not once per image and once per partner
+# draw in every epoch (benchmarks/bench_training_step.py). Items are identical with or without it.
+IMAGE_CACHE_BYTES = 512 * 2**20
+
 
 @dataclass
 class TrainData:
@@ -138,6 +143,7 @@ def build_train_data(args: argparse.Namespace, accelerator: Accelerator) -> Trai
         mode=pairing_mode,
         seed=args.seed,
         image_loader=normalization.load_normalized,
+        cache_bytes=IMAGE_CACHE_BYTES // max(1, args.dataloader_num_workers),
     )
     dataloader = torch.utils.data.DataLoader(
         dataset,

@@ -1,0 +1,178 @@
+"""Inference: `CDCLModel` against transformers' `ViTModel` and `Dinov2Model` of identical dimensions.
+
+ViT-S/16 (width 384, depth 12, 6 heads, MLP 1536, patch 16), 5 channels, fp32 on CPU, `torch.inference_mode`.
+Every model is built with `image_size` equal to the input size (no position-embedding interpolation in any of them)
+and pooled as it pools by default. Per (size, batch, attention implementation) the three models run interleaved
+round-robin, `repeats` times; the ratio reported per point is `time(faster baseline) / time(CDCLModel)` per repeat
+(> 1: CDCLModel is faster), its median and spread. Also: images/s, peak activation memory (tensors alive at once,
+weights excluded, counted by a dispatch mode) and MFU = forward FLOPs (torch.utils.flop_counter) / time / the fp32
+matmul peak measured in the same run.
+
+Run: python benchmarks/bench_inference.py [--quick] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import (  # noqa: E402
+    RESULTS_DIR,
+    PeakTensorMemory,
+    best_of,
+    interleaved,
+    machine,
+    matmul_peak_flops,
+    summary,
+    write_result,
+)
+
+VIT_S16 = {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "intermediate_size": 1536,
+           "patch_size": 16}
+
+
+def build_models(image_size: int, channels: int, attn: str, dims: dict) -> dict[str, torch.nn.Module]:
+    from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTModel
+
+    from cdcl_hf import CDCLConfig, CDCLModel
+
+    common = {"image_size": image_size, "num_channels": channels, "layer_norm_eps": 1e-6}
+    configs = {
+        "cdcl": (CDCLModel, CDCLConfig(**dims, **common), {}),
+        "vit": (ViTModel, ViTConfig(**dims, **common), {"add_pooling_layer": False}),
+        "dinov2": (Dinov2Model, Dinov2Config(
+            hidden_size=dims["hidden_size"], num_hidden_layers=dims["num_hidden_layers"],
+            num_attention_heads=dims["num_attention_heads"], mlp_ratio=dims["intermediate_size"] // dims["hidden_size"],
+            patch_size=dims["patch_size"], **common,
+        ), {}),
+    }
+    models = {}
+    for name, (cls, config, kwargs) in configs.items():
+        config._attn_implementation = attn
+        models[name] = cls(config, **kwargs).eval()
+        assert models[name].config._attn_implementation == attn, (name, models[name].config._attn_implementation)
+    return models
+
+
+def forward_flops(model: torch.nn.Module, pixel_values: torch.Tensor) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model(pixel_values)
+    return int(counter.get_total_flops())
+
+
+def peak_memory(model: torch.nn.Module, pixel_values: torch.Tensor) -> int:
+    with torch.inference_mode(), PeakTensorMemory() as tracker:
+        model(pixel_values)
+    return tracker.peak
+
+
+def bench_point(models, image_size, batch, channels, repeats) -> dict:
+    pixel_values = torch.randn(batch, channels, image_size, image_size)
+
+    def runner(model):
+        def run():
+            with torch.inference_mode():
+                model(pixel_values)
+        return run
+
+    times = interleaved({name: runner(m) for name, m in models.items()}, repeats=repeats, warmup=1)
+    out = {"image_size": image_size, "batch": batch, "models": {}}
+    for name, model in models.items():
+        flops = forward_flops(model, pixel_values)
+        out["models"][name] = {
+            "seconds": summary(times[name], 5),
+            "images_per_s": summary([batch / t for t in times[name]], 2),
+            "gflops_per_image": round(flops / batch / 1e9, 3),
+            "flops": flops,
+            "_times": times[name],
+            "peak_activation_mib": round(peak_memory(model, pixel_values) / 2**20, 2),
+        }
+    faster = min(("vit", "dinov2"), key=lambda k: statistics.median(times[k]))
+    speedup = [b / c for b, c in zip(times[faster], times["cdcl"], strict=True)]
+    out["faster_baseline"] = faster
+    out["speedup_vs_faster_baseline"] = summary(speedup, 3)
+    out["speedup_vs_vit"] = summary([b / c for b, c in zip(times["vit"], times["cdcl"], strict=True)], 3)
+    out["speedup_vs_dinov2"] = summary([b / c for b, c in zip(times["dinov2"], times["cdcl"], strict=True)], 3)
+    return out
+
+
+def profile_tables(image_size: int, batch: int, attn: str, channels: int, dims: dict, rows: int = 12) -> str:
+    """torch.profiler: the ops taking the most CPU time in CDCLModel and in the two baselines, one forward each."""
+    from torch.profiler import ProfilerActivity, profile
+
+    models = build_models(image_size, channels, attn, dims)
+    pixel_values = torch.randn(batch, channels, image_size, image_size)
+    out = [f"# Inference profile: {image_size} px, batch {batch}, {attn}, fp32 CPU (3 forwards after a warm-up)\n"]
+    for name, model in models.items():
+        with torch.inference_mode():
+            model(pixel_values)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(3):
+                    model(pixel_values)
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40)
+        out.append(f"## {name}\n\n```\n{table}\n```\n")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a smoke run (small model, few points)")
+    parser.add_argument("--out", default=str(RESULTS_DIR / "inference.json"))
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--profile", default=None, metavar="SIZE,BATCH,ATTN",
+                        help="instead: write torch.profiler tables of one point (e.g. 224,1,sdpa) to results/")
+    args = parser.parse_args(argv)
+    if args.profile:
+        size, batch, attn = args.profile.split(",")
+        text = profile_tables(int(size), int(batch), attn, 5, VIT_S16)
+        out = RESULTS_DIR / f"inference_profile_{size}_{batch}_{attn}.md"
+        out.write_text(text)
+        print(text[:4000])
+        print(f"wrote {out}")
+        return
+    torch.manual_seed(0)
+    channels = 5
+    if args.quick:
+        dims = {**VIT_S16, "num_hidden_layers": 2}
+        sizes, batches, repeats = [64], [2], args.repeats or 3
+    else:
+        dims = VIT_S16
+        sizes, batches, repeats = [224, 96], [1, 8, 32], args.repeats or 5
+    peak_start = matmul_peak_flops()
+    points = []
+    for attn in ("sdpa", "eager"):
+        for size in sizes:
+            models = build_models(size, channels, attn, dims)
+            for batch in batches:
+                point = bench_point(models, size, batch, channels, repeats)
+                point["attn_implementation"] = attn
+                points.append(point)
+                print(f"{attn} {size}px b{batch}: cdcl / faster ({point['faster_baseline']}) speed-up "
+                      f"{point['speedup_vs_faster_baseline']}", flush=True)
+    peak = best_of(peak_start, matmul_peak_flops())
+    for point in points:
+        for entry in point["models"].values():
+            entry["mfu"] = summary([entry["flops"] / t / peak["best_flops"] for t in entry.pop("_times")], 3)
+    write_result({
+        "benchmark": "inference: CDCLModel vs ViTModel / Dinov2Model (same dimensions), fp32 CPU",
+        "quick": args.quick,
+        "machine": machine(),
+        "matmul_peak": peak,
+        "dims": dims,
+        "channels": channels,
+        "repeats": repeats,
+        "target": "speedup_vs_faster_baseline >= 1.0 at every point; inference MFU >= 0.8",
+        "points": points,
+    }, args.out)
+
+
+if __name__ == "__main__":
+    main()

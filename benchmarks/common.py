@@ -1,0 +1,163 @@
+"""What every benchmark shares: the machine description, the matmul peak, interleaved timing and JSON output.
+
+Every speed claim is a ratio against a baseline measured in the same process: `interleaved` runs the candidates
+round-robin (the order rotating each repeat), so a noisy neighbour slows all of them alike, and reports the median
+and the spread (min, max) of each candidate's times and of each per-repeat ratio.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).parent / "results"
+
+# On a shared, oversubscribed machine two OpenMP threads spin-wait for each other at every parallel region (a step
+# can run 10x slower); CDCL_BENCH_THREADS=1 makes the timings robust there. Recorded in each JSON's `machine`.
+if os.environ.get("CDCL_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["CDCL_BENCH_THREADS"]))
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    import transformers
+
+    return {
+        "cpu": cpu_model(),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": "cpu",
+    }
+
+
+def matmul_peak_flops(sizes: tuple[int, ...] = (1024, 2048), repeats: int = 5) -> dict:
+    """fp32 matmul FLOP/s of this machine (the best of `repeats` at each size), the denominator of every MFU here.
+
+    Shared machines are noisy: a benchmark measures it at its start and end and keeps the best (`best_of`).
+    """
+    rates = {}
+    for size in sizes:
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        torch.mm(a, b)
+        inner = max(1, (1024 // size) ** 3 * 4)
+        best = 0.0
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(inner):
+                torch.mm(a, b)
+            best = max(best, 2 * size**3 * inner / (time.perf_counter() - start))
+        rates[str(size)] = best
+    return {"best_flops": max(rates.values()), "by_size": rates}
+
+
+def best_of(*peaks: dict) -> dict:
+    """The best of several `matmul_peak_flops` measurements (start and end of a run)."""
+    return {"best_flops": max(p["best_flops"] for p in peaks), "measurements": list(peaks)}
+
+
+def summary(values: list[float], digits: int = 4) -> dict:
+    return {
+        "median": round(statistics.median(values), digits),
+        "min": round(min(values), digits),
+        "max": round(max(values), digits),
+        "n": len(values),
+    }
+
+
+def interleaved(candidates: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each candidate, `repeats` times, round-robin with a rotating order."""
+    names = list(candidates)
+    for _ in range(warmup):
+        for name in names:
+            candidates[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            start = time.perf_counter()
+            candidates[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def ratios(times: dict[str, list[float]], numerator: str, denominator: str) -> list[float]:
+    """Per-repeat time ratios (numerator / denominator): > 1 means the numerator is slower."""
+    return [n / d for n, d in zip(times[numerator], times[denominator], strict=True)]
+
+
+def write_result(result: dict, out: str | os.PathLike) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return out
+
+
+class PeakTensorMemory:
+    """Peak bytes of tensors allocated inside the context and alive at once (activations; weights excluded).
+
+    A `TorchDispatchMode` counts every new storage an op returns and un-counts it when the storage is freed, so the
+    figure is exact and independent of the allocator (CPU has no `max_memory_allocated`).
+    """
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in torch.utils._pytree.tree_leaves(out):
+                    if isinstance(t, torch.Tensor):
+                        tracker._track(t)
+                return out
+
+        self._mode = _Mode()
+        self.live = 0
+        self.peak = 0
+        self._seen: set[int] = set()
+
+    def _track(self, tensor: torch.Tensor) -> None:
+        import weakref
+
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key in self._seen or storage.nbytes() == 0:
+            return
+        self._seen.add(key)
+        nbytes = storage.nbytes()
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+
+        def release(key=key, nbytes=nbytes):
+            self._seen.discard(key)
+            self.live -= nbytes
+
+        weakref.finalize(storage, release)
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)

@@ -1,0 +1,55 @@
+"""Run every benchmark, each in its own process, and write its JSON into one folder; then print the tables.
+
+    python benchmarks/run_all.py                      # full runs into benchmarks/results/ (tens of minutes on 2 cores)
+    python benchmarks/run_all.py --quick --out_dir /tmp/bench   # smoke run (a few minutes), as tests/test_benchmarks.py
+
+Each benchmark is `benchmarks/bench_<name>.py --out <out_dir>/<name>.json [--quick]`; a failing one fails the run
+(exit status 1, after the others have run). `--only a,b` runs some of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+BENCHMARKS = ("inference", "training_step", "data_path", "pairing")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out_dir", type=Path, default=HERE / "results")
+    parser.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(BENCHMARKS)}")
+    args = parser.parse_args(argv)
+    names = BENCHMARKS if args.only is None else tuple(n.strip() for n in args.only.split(","))
+    unknown = sorted(set(names) - set(BENCHMARKS))
+    if unknown:
+        parser.error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    failed = []
+    for name in names:
+        command = [sys.executable, str(HERE / f"bench_{name}.py"), "--out", str(args.out_dir / f"{name}.json")]
+        if args.quick:
+            command.append("--quick")
+        start = time.perf_counter()
+        print(f"== {name}: {' '.join(command)}", flush=True)
+        status = subprocess.run(command).returncode
+        print(f"== {name}: exit {status} after {time.perf_counter() - start:.1f} s", flush=True)
+        if status != 0:
+            failed.append(name)
+    from make_tables import tables
+
+    print(tables(args.out_dir))
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    raise SystemExit(main())
