@@ -30,15 +30,8 @@ import pandas as pd
 
 from cdcl_hf.pairing import PartnerIndex
 
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
+sys.path.insert(0, str(Path(__file__).parent))
+from common import cpu_model  # noqa: E402
 
 
 def _best_of(repeats: int, fn) -> float:
@@ -203,7 +196,7 @@ def main() -> None:
         "machine": {
             "python": platform.python_version(),
             "processor": platform.processor() or platform.machine(),
-            "cpu": _cpu_model(),
+            "cpu": cpu_model(),
         },
         "draws_per_size": draws,
         "per_item_us_ratio_1e6_vs_1e3": round(flat_ratio, 3),

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fresh_process import WITHOUT_CDCL_HF
 
 from cdcl_hf import CDCLConfig, CDCLImageProcessor, CDCLModel
 
@@ -109,18 +110,11 @@ def checkpoint(tmp_path_factory):
 
 
 # Runs with the old release first on sys.path, where importing cdcl_hf is impossible. Prints one JSON line.
-REMOTE_LOADER = textwrap.dedent(
+REMOTE_LOADER = WITHOUT_CDCL_HF + textwrap.dedent(
     """
     import json
     import sys
 
-    class RefuseCdclHf:
-        def find_spec(self, name, path=None, target=None):
-            if name == "cdcl_hf" or name.startswith("cdcl_hf."):
-                raise ModuleNotFoundError("cdcl_hf is not installed here")
-            return None
-
-    sys.meta_path.insert(0, RefuseCdclHf())
     import numpy as np
     import torch
     import transformers

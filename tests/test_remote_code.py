@@ -10,6 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from fresh_process import WITHOUT_CDCL_HF
 from PIL import Image
 from transformers import pipeline
 
@@ -69,17 +70,10 @@ def test_shipped_model_code_is_self_contained(checkpoint):
 
 
 # Runs in a fresh interpreter where importing cdcl_hf is impossible, as on a machine without the package.
-REMOTE_LOADER = textwrap.dedent(
+REMOTE_LOADER = WITHOUT_CDCL_HF + textwrap.dedent(
     """
     import sys
 
-    class RefuseCdclHf:
-        def find_spec(self, name, path=None, target=None):
-            if name == "cdcl_hf" or name.startswith("cdcl_hf."):
-                raise ModuleNotFoundError("cdcl_hf is not installed here")
-            return None
-
-    sys.meta_path.insert(0, RefuseCdclHf())
     import numpy as np
     import torch
     from transformers import AutoImageProcessor, AutoModel

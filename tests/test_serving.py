@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from fresh_process import WITHOUT_CDCL_HF
 from PIL import Image
 from transformers import Dinov2Config, Dinov2Model, pipeline
 
@@ -171,17 +172,10 @@ def test_shipped_tile_offsets_agree_with_profiling():
 
 # ---- the pipeline in a fresh process without cdcl_hf --------------------------------------------------------------
 
-FRESH_PROCESS = textwrap.dedent(
+FRESH_PROCESS = WITHOUT_CDCL_HF + textwrap.dedent(
     """
     import base64, importlib.util, json, sys
 
-    class RefuseCdclHf:
-        def find_spec(self, name, path=None, target=None):
-            if name == "cdcl_hf" or name.startswith("cdcl_hf."):
-                raise ModuleNotFoundError("cdcl_hf is not installed here")
-            return None
-
-    sys.meta_path.insert(0, RefuseCdclHf())
     import numpy as np
     from transformers import pipeline
 

@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 import tifffile
 import torch
+from fresh_process import WITHOUT_CDCL_HF
 from hub_server import USER_NAME
 from PIL import Image
 
@@ -107,17 +108,10 @@ def free_port() -> int:
 
 
 # Runs the downloaded Space as the Space runtime does (`python app.py`), where cdcl_hf cannot be imported.
-SPACE_RUNNER = textwrap.dedent(
+SPACE_RUNNER = WITHOUT_CDCL_HF + textwrap.dedent(
     """
     import runpy, sys
 
-    class RefuseCdclHf:
-        def find_spec(self, name, path=None, target=None):
-            if name == "cdcl_hf" or name.startswith("cdcl_hf."):
-                raise ModuleNotFoundError("cdcl_hf is not installed on a Space")
-            return None
-
-    sys.meta_path.insert(0, RefuseCdclHf())
     runpy.run_path("app.py", run_name="__main__")
     """
 )
