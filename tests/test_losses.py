@@ -179,6 +179,25 @@ def test_cross_correlation_weight_is_a_convex_weight_of_means():
         CrossCorrelationLoss(off_diagonal_weight=5e-3 * 100 + 1)
 
 
+@pytest.mark.parametrize("rows, width", [(8, 64), (64, 8), (16, 16)], ids=["gram", "full", "square"])
+def test_cross_correlation_without_the_k_by_k_matrix_matches_it(rows, width):
+    """The loss computes sum C_ij^2 from (n, n) Gram matrices when n < K: same value and gradient as the (K, K) C."""
+    torch.manual_seed(0)
+    teacher = torch.randn(rows, width) * 2 + 1
+    student = torch.randn(rows, width, requires_grad=True)
+    loss_fn = CrossCorrelationLoss(0.95, normalize=True)
+    loss = loss_fn(teacher, student)
+    (gradient,) = torch.autograd.grad(loss, student)
+    reference_student = student.detach().clone().requires_grad_(True)
+    c = loss_fn.correlation(teacher, reference_student)
+    diagonal = torch.diagonal(c)
+    reference = ((0.05 * (diagonal - 1).pow(2).mean()) + 0.95 * (c.pow(2).sum() - diagonal.pow(2).sum())
+                 / (width * width - width)) / loss_fn.scale
+    (reference_gradient,) = torch.autograd.grad(reference, reference_student)
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gradient, reference_gradient, rtol=1e-4, atol=1e-7)
+
+
 def test_cross_correlation_is_zero_for_identical_decorrelated_outputs():
     # Orthogonal, zero-mean columns: C = I exactly, so both terms vanish.
     basis = torch.linalg.qr(torch.randn(64, 8)).Q
