@@ -88,6 +88,7 @@ class _Run:
         dataset.load_image = self.timers.wrap("load", dataset.load_image)
         dataset.transform = self.timers.wrap("views", dataset.transform)
         student, teacher = build_student_teacher(self.args, data.num_channels, data.channel_names)
+        teacher.to(accelerator.device)
         optimizer = build_optimizer(student, self.args)
         student, optimizer, dataloader = accelerator.prepare(student, optimizer, data.dataloader)
         self.schedules = TrainingSchedules.for_run(self.args, dataloader)

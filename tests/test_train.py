@@ -194,6 +194,24 @@ def test_real_bbbc021_crops_loss_decreases(tmp_path, shared_data_dir):
         assert last < 0.9 * first, (term, values)
 
 
+def test_data_loader_workers_give_the_same_run(tmp_path):
+    # Workers persist across passes (their decoded-image caches survive) and must still draw each pass's partners
+    # and crops exactly as the main process does: 3 passes of 6 steps, and a resume mid-run with workers.
+    steps = ["--max_train_steps", "18", "--checkpointing_steps", "9"]
+    train(tmp_path, *steps, "--output_dir", "main_process")
+    train(tmp_path, *steps, "--output_dir", "workers", "--dataloader_num_workers", "2", "--stop_after_steps", "9")
+    train(tmp_path, *steps, "--output_dir", "workers", "--dataloader_num_workers", "2", "--resume_from_checkpoint",
+          "latest")
+    main_log, workers_log = read_log(tmp_path / "main_process"), read_log(tmp_path / "workers")
+    assert [r["step"] for r in workers_log] == list(range(1, 19))
+    for a, b in zip(main_log, workers_log, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), (a["step"], a["loss"], b["loss"])
+    straight, workers = load_file(tmp_path / "main_process" / "model.safetensors"), load_file(
+        tmp_path / "workers" / "model.safetensors")
+    for key in straight:
+        torch.testing.assert_close(workers[key], straight[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
 def test_refuses_to_mix_runs_and_mismatched_resumes(tmp_path):
     train(tmp_path, "--max_train_steps", "1", "--output_dir", "run")
     refused = train(tmp_path, "--max_train_steps", "1", "--output_dir", "run", expect_success=False)

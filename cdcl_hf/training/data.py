@@ -151,6 +151,10 @@ def build_train_data(args: argparse.Namespace, accelerator: Accelerator) -> Trai
         sampler=EpochIndexSampler(len(dataset), seed=args.seed),
         num_workers=args.dataloader_num_workers,
         drop_last=True,
+        # The sampler hands each worker the epoch with every index, so workers can live across epochs and keep
+        # their decoded-image caches (restarted workers would decode every image again each epoch).
+        persistent_workers=args.dataloader_num_workers > 0,
+        pin_memory=accelerator.device.type == "cuda",
     )
     return TrainData(
         dataloader, augmentation, normalization, num_channels, channel_names, partner_index.num_domains,

@@ -1,0 +1,272 @@
+"""GPU: inference and the training step in bf16 on CUDA, with MFU against the card's own measured bf16 matmul peak.
+
+Only where a GPU is lent (never in CI): `python benchmarks/bench_gpu.py [--out FILE]`. `--quick` runs the same code
+at tiny sizes, on CUDA when present, else on the CPU in fp32 (a smoke test of the script, not a measurement).
+
+Inference: `CDCLModel` vs transformers' `ViTModel` and `Dinov2Model` with identical dimensions (ViT-S/16, 5 channels,
+224 and 96 px, batch 1 to 256), weights and inputs in bf16, `torch.inference_mode`, SDPA (PyTorch picks its fused
+flash / memory-efficient kernel for bf16 on CUDA) and eager attention. The three models run interleaved round-robin;
+each timed call is `inner` forwards followed by a device synchronisation; ratio per repeat = time(faster baseline) /
+time(CDCLModel). Peak memory = `torch.cuda.max_memory_allocated` during one forward, minus the weights.
+
+Training step: the real components (`build_train_data`, `build_student_teacher`, `build_objective`, `train_step`)
+under `Accelerator(mixed_precision="bf16")`, ViT-S/16 with 2 global 224 px + 6 local 96 px views, `--method cdcl`
+vs `--method dino`, interleaved. `compute`: the same batch of views re-used each step (student and teacher forward,
+loss, backward, clip, optimizer, EMA: what the GPU does); `with_loader`: batches from the data loader with
+`--dataloader_num_workers` worker processes (decode and multi-crop on the CPU), the whole step as a user runs it.
+MFU = FLOPs of one step (torch.utils.flop_counter) / step time / the bf16 matmul peak measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import itertools
+import platform
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_inference import VIT_S16, build_models, forward_flops  # noqa: E402
+from bench_training_step import _Run  # noqa: E402
+from common import RESULTS_DIR, interleaved, machine, ratios, summary, write_result  # noqa: E402
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_description(device: torch.device) -> dict:
+    description = {**machine(), "device": str(device)}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        description.update({
+            "gpu": props.name,
+            "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+            "multiprocessors": props.multi_processor_count,
+            "compute_capability": f"{props.major}.{props.minor}",
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(),
+            "flash_sdp_enabled": torch.backends.cuda.flash_sdp_enabled(),
+            "mem_efficient_sdp_enabled": torch.backends.cuda.mem_efficient_sdp_enabled(),
+        })
+    description["platform"] = platform.platform()
+    return description
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 10) -> dict:
+    """FLOP/s of one size x size x size matrix product on random data (best and median of `repeats`)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(3):
+        torch.mm(a, b)
+    rates = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = _clock(device)
+        torch.mm(a, b)
+        rates.append(2 * size**3 / start.elapsed())
+    return {"best_flops": max(rates), "median_flops": statistics.median(rates), "size": size, "dtype": str(dtype)}
+
+
+class _clock:
+    """Seconds between construction and `elapsed()`: CUDA events on a GPU, perf_counter elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            import time
+
+            self.t0 = time.perf_counter()
+
+    def elapsed(self) -> float:
+        if self.device.type == "cuda":
+            self.end.record()
+            self.end.synchronize()
+            return self.start.elapsed_time(self.end) / 1e3
+        import time
+
+        return time.perf_counter() - self.t0
+
+
+def inference(device, dtype, dims, sizes, batches, repeats, inner, peak_flops) -> list[dict]:
+    points = []
+    channels = 5
+    for attn in ("sdpa", "eager"):
+        for size in sizes:
+            models = {name: model.to(device=device, dtype=dtype)
+                      for name, model in build_models(size, channels, attn, dims).items()}
+            for batch in batches:
+                pixel_values = torch.randn(batch, channels, size, size, device=device, dtype=dtype)
+
+                def runner(model, pixel_values=pixel_values):
+                    def run():
+                        with torch.inference_mode():
+                            for _ in range(inner):
+                                model(pixel_values)
+                        synchronize(device)
+                    return run
+
+                try:
+                    times = interleaved({name: runner(m) for name, m in models.items()}, repeats=repeats, warmup=2)
+                except torch.OutOfMemoryError:
+                    print(f"{attn} {size}px b{batch}: out of memory, skipped", flush=True)
+                    torch.cuda.empty_cache()
+                    continue
+                point = {"attn_implementation": attn, "image_size": size, "batch": batch, "models": {}}
+                for name, model in models.items():
+                    per_forward = [t / inner for t in times[name]]
+                    flops = forward_flops(model, pixel_values)
+                    entry = {
+                        "ms_per_forward": summary([1e3 * t for t in per_forward], 4),
+                        "images_per_s": summary([batch / t for t in per_forward], 1),
+                        "mfu": summary([flops / t / peak_flops for t in per_forward], 4),
+                        "gflops_per_image": round(flops / batch / 1e9, 3),
+                    }
+                    if device.type == "cuda":
+                        weights = torch.cuda.memory_allocated(device)
+                        torch.cuda.reset_peak_memory_stats(device)
+                        with torch.inference_mode():
+                            model(pixel_values)
+                        entry["peak_activation_mib"] = round((torch.cuda.max_memory_allocated(device) - weights) / 2**20, 1)
+                    point["models"][name] = entry
+                faster = min(("vit", "dinov2"), key=lambda k: statistics.median(times[k]))
+                point["faster_baseline"] = faster
+                point["speedup_vs_faster_baseline"] = summary([b / c for b, c in zip(times[faster], times["cdcl"], strict=True)], 3)
+                points.append(point)
+                print(f"{attn} {size}px b{batch}: cdcl {point['models']['cdcl']['images_per_s']['median']:.0f} img/s, "
+                      f"MFU {point['models']['cdcl']['mfu']['median']:.3f}; cdcl / {faster} speed-up "
+                      f"{point['speedup_vs_faster_baseline']['median']:.3f}", flush=True)
+            del models
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return points
+
+
+def training_step(device, mixed_precision, common_argv, steps, repeats, peak_flops) -> dict:
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision)
+    runs = {}
+    with contextlib.redirect_stderr(io.StringIO()):
+        for method in ("cdcl", "dino"):
+            torch.manual_seed(0)
+            runs[method] = _Run(accelerator, [*common_argv, "--method", method], cache=True)
+    batch_size = runs["cdcl"].batch_size
+
+    def candidate(run):
+        def go():
+            for _ in range(steps):
+                run.step()
+            synchronize(device)
+        return go
+
+    result = {"argv": common_argv, "mixed_precision": mixed_precision, "batch_size": batch_size,
+              "steps_per_repeat": steps}
+    # The whole step with the data loader's workers (as a user runs it); then the compute alone on one fixed batch.
+    for mode in ("with_loader", "compute"):
+        if mode == "compute":
+            for run in runs.values():
+                run.batches = itertools.repeat(next(run.batches))
+        times = interleaved({k: candidate(r) for k, r in runs.items()}, repeats=repeats, warmup=1)
+        flops = {k: r.step_flops() for k, r in runs.items()}
+        block = {}
+        for k in runs:
+            step_s = [t / steps for t in times[k]]
+            block[k] = {"step_ms": summary([1e3 * t for t in step_s], 3),
+                        "images_per_s": summary([batch_size / t for t in step_s], 1),
+                        "flops_per_step": flops[k],
+                        "mfu": summary([flops[k] / t / peak_flops for t in step_s], 4)}
+        block["cdcl_over_dino_time"] = summary(ratios(times, "cdcl", "dino"), 3)
+        result[mode] = block
+        print(f"training step ({mode}): cdcl {block['cdcl']['step_ms']['median']:.1f} ms "
+              f"(MFU {block['cdcl']['mfu']['median']:.3f}), dino {block['dino']['step_ms']['median']:.1f} ms, "
+              f"cdcl/dino {block['cdcl_over_dino_time']['median']:.3f}", flush=True)
+    if device.type == "cuda":
+        result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes; runs on the CPU (fp32) without a GPU")
+    parser.add_argument("--out", default=str(RESULTS_DIR / "gpu.json"))
+    parser.add_argument("--workers", type=int, default=8, help="data-loader workers for the with_loader step")
+    parser.add_argument("--only", choices=("inference", "training_step"), default=None)
+    args = parser.parse_args(argv)
+    if torch.cuda.is_available():
+        device, dtype, mixed_precision = torch.device("cuda"), torch.bfloat16, "bf16"
+    elif args.quick:
+        device, dtype, mixed_precision = torch.device("cpu"), torch.float32, "no"
+    else:
+        parser.error("no CUDA device: this benchmark measures a GPU (use --quick for a CPU smoke run)")
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    peak_size = 8192 if device.type == "cuda" else 512
+    peak_start = matmul_peak(device, dtype, peak_size)
+    result = {"benchmark": "GPU: inference and training step, bf16 on CUDA", "quick": args.quick,
+              "machine": device_description(device), "dtype": str(dtype)}
+    if args.quick:
+        dims = {**VIT_S16, "num_hidden_layers": 2}
+        sizes, batches, repeats, inner = [64], [2], 3, 2
+    else:
+        dims = VIT_S16
+        sizes, batches, repeats, inner = [224, 96], [1, 8, 32, 128, 256], 5, 10
+    result["matmul_peak"] = {"start": peak_start, "note": "MFU uses the start-of-run measurement"}
+    # Each part is written as soon as it is done, and a failing part is recorded, so one lease yields what it can.
+    if args.only in (None, "inference"):
+        with recorded(result, "inference", args.out):
+            result["inference"] = {"dims": dims, "channels": 5, "repeats": repeats, "forwards_per_repeat": inner,
+                                   "points": inference(device, dtype, dims, sizes, batches, repeats, inner,
+                                                       peak_start["best_flops"])}
+    if args.only in (None, "training_step"):
+        with tempfile.TemporaryDirectory() as tmp, recorded(result, "training_step", args.out):
+            from cdcl_hf.synthetic_screen import config_for_num_images, synthetic_screen_dataset
+
+            # One screen on disk for both methods (the synthetic renderer takes ~0.3 s per 224 px image).
+            num_images, image_size, batch_size = (64, 32, 8) if args.quick else (96, 224, 32)
+            screen = Path(tmp) / "screen"
+            synthetic_screen_dataset(config_for_num_images(num_images, image_size=image_size, num_channels=5,
+                                                           seed=0)).save_to_disk(str(screen))
+            argv_step = ["--max_train_steps", "100000", "--output_dir", str(Path(tmp) / "unused"), "--seed", "0",
+                         "--dataset_name", str(screen), "--dataloader_num_workers", str(args.workers),
+                         "--mixed_precision", mixed_precision, "--per_device_train_batch_size", str(batch_size)]
+            if not args.quick:
+                argv_step += ["--model_preset", "vit-small-patch16", "--global_crop_size", "224",
+                              "--local_crop_size", "96", "--num_local_crops", "6", "--out_dim", "4096",
+                              "--head_hidden_dim", "2048", "--head_bottleneck_dim", "256"]
+            steps = max(1, num_images // batch_size)  # one pass over the screen per timed repeat
+            result["training_step"] = training_step(device, mixed_precision, argv_step, steps, 5,
+                                                    peak_start["best_flops"])
+    peak_end = matmul_peak(device, dtype, peak_size)
+    result["matmul_peak"] = {"best_flops": max(peak_start["best_flops"], peak_end["best_flops"]),
+                             "measurements": [peak_start, peak_end],
+                             "note": "MFU uses the start-of-run measurement"}
+    write_result(result, args.out)
+
+
+@contextlib.contextmanager
+def recorded(result: dict, part: str, out: str):
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 - a benchmark part failing must not lose the others' numbers
+        import traceback
+
+        result[f"{part}_error"] = "".join(traceback.format_exception(error))[-4000:]
+        print(f"{part} failed: {error!r}", flush=True)
+    write_result(result, out)
+
+
+if __name__ == "__main__":
+    main()
