@@ -203,7 +203,7 @@ def run_one(args, seed: int, method: str, screens: dict, train_flags: list[str],
     targets = {"heldout": ["heldout"], "train": ["train"], "both": ["heldout", "train"]}[args.eval_on]
     for target in targets:
         for correction in args.corrections:
-            eval_dir = out / f"eval_{target}_{correction}"
+            eval_dir = out.parent / f"{method}.eval_{target}_{correction}"  # outside the model folder (refused inside)
             eval_cmd = [sys.executable, str(ROOT / "training" / "evaluate_embeddings.py"),
                         "--model", str(out), "--dataset_name", str(ROOT / screens[target]["path"]),
                         "--output_dir", str(eval_dir), "--correction", correction,
