@@ -1,6 +1,11 @@
 """Markdown tables (README "Performance") from the benchmark JSON files.
 
     python benchmarks/make_tables.py [RESULTS_DIR]     # default benchmarks/results; prints markdown
+    python benchmarks/make_tables.py --update_readme [RESULTS_DIR]   # rewrites the README's generated sections
+
+`--update_readme` replaces the text between each pair of markers `<!-- generated:NAME:start -->` /
+`<!-- generated:NAME:end -->` in README.md (sections: `bbbc021_quality`, from methods_bbbc021.json; a quick
+(smoke) run's file, or none, gives a line saying the benchmark has not been run yet).
 """
 
 from __future__ import annotations
@@ -8,6 +13,8 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def _load(folder: Path, name: str) -> dict | None:
@@ -127,11 +134,135 @@ def pairing_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def gpu_table(result: dict) -> str:
+    m = result["machine"]
+    peak = result["matmul_peak"]["best_flops"]
+    lines = [
+        f"**GPU** ({m.get('gpu', m['device'])}, CUDA {m.get('cuda', '?')}, torch {m['torch']}, transformers "
+        f"{m['transformers']}; {result['dtype']}; bf16 matmul peak measured in the run: {peak / 1e12:.0f} TFLOP/s"
+        + (" — **quick (smoke) run**" if result.get("quick") else "") + "). Speed-up = time of the faster of "
+        "`ViTModel` / `Dinov2Model` ÷ time of `CDCLModel`, median (min–max) of interleaved repeats.",
+        "",
+    ]
+    inference = result.get("inference")
+    if inference:
+        lines += ["| attention | size | batch | CDCL images/s | speed-up vs faster baseline | CDCL MFU "
+                  "| peak activations MiB (CDCL / ViT / Dinov2) |", "|---|---|---|---|---|---|---|"]
+        for p in inference["points"]:
+            models = p["models"]
+            memory = " / ".join(f"{models[k].get('peak_activation_mib', float('nan')):.0f}" for k in ("cdcl", "vit", "dinov2"))
+            lines.append(f"| {p['attn_implementation']} | {p['image_size']} | {p['batch']} "
+                         f"| {models['cdcl']['images_per_s']['median']:.0f} "
+                         f"| {_spread(p['speedup_vs_faster_baseline'])} ({p['faster_baseline']}) "
+                         f"| {_spread(models['cdcl']['mfu'], '{:.3f}')} | {memory} |")
+    step = result.get("training_step")
+    if step:
+        lines += ["", f"Training step (ViT-S/16, 2 × 224 px + 6 × 96 px views, batch {step['batch_size']}, "
+                  f"mixed precision {step['mixed_precision']}; `with_loader`: {step['argv'][step['argv'].index('--dataloader_num_workers') + 1]} "
+                  "data-loader workers decoding and cropping on the CPU; `compute`: one batch re-used):", "",
+                  "| mode | method | step ms | images/s | MFU | CDCL ÷ DINO step time |", "|---|---|---|---|---|---|"]
+        for mode in ("with_loader", "compute"):
+            block = step[mode]
+            for method in ("cdcl", "dino"):
+                run = block[method]
+                ratio = _spread(block["cdcl_over_dino_time"]) if method == "cdcl" else ""
+                lines.append(f"| {mode} | {method} | {_spread(run['step_ms'], '{:.1f}')} "
+                             f"| {_spread(run['images_per_s'], '{:.0f}')} | {_spread(run['mfu'], '{:.3f}')} | {ratio} |")
+    for part in ("inference", "training_step"):
+        if result.get(f"{part}_error"):
+            lines += ["", f"{part} failed: `{result[f'{part}_error'].strip().splitlines()[-1]}`"]
+    return "\n".join(lines)
+
+
+# Rows and columns of the README's "Quality on real BBBC021 crops" table (benchmarks/bench_methods_bbbc021.py).
+BBBC021_ROWS = (
+    ("untrained", "untrained ViT"), ("dino", "dino"), ("dino-cb", "dino-cb"), ("cdcl", "cdcl"),
+    ("intensity_stats", "intensity statistics (no model)"), ("pooled_pixels", "8 × 8 pooled pixels (no model)"),
+    ("cellprofiler", "CellProfiler (published profiles)"),
+)
+BBBC021_COLUMNS = (
+    ("nsc", "NSC"), ("nscb", "NSCB"), ("replicate_map", "replicate mAP"), ("moa_map", "MoA mAP"),
+    ("batch_classification_controls", "batch clf acc, controls ↓"), ("ilisi_controls", "iLISI, controls"),
+)
+BBBC021_NOT_RUN = ("*Not run yet: `python benchmarks/bench_methods_bbbc021.py` writes "
+                   "`benchmarks/results/methods_bbbc021.json`, then `python benchmarks/make_tables.py "
+                   "--update_readme` fills this table.*")
+
+
+def _mean_sd(stats: dict | None, informative: bool = True) -> str:
+    if not stats or stats.get("mean") is None:
+        return "n/d"
+    text = f"{stats['mean']:.3f}"
+    if stats.get("n_seeds", 1) > 1 and not stats.get("deterministic"):
+        text += f" ± {stats['std']:.3f}"
+    return text if informative else f"({text})"
+
+
+def bbbc021_quality_table(result: dict | None) -> str:
+    """The README's "Quality on real BBBC021 crops" table from methods_bbbc021.json (a line when there is none,
+    or only a quick run's)."""
+    if result is None or result.get("quick"):
+        return BBBC021_NOT_RUN
+    correction = "none" if "none" in result["summary"] else next(k for k in result["summary"] if k != "training_health")
+    block = result["summary"][correction]["metrics"]
+    machine = result.get("machine", {})
+    seeds = result["settings"]["seeds"]
+    lines = [
+        f"Correction `{correction}`; trained methods: mean ± sample sd over {len(seeds)} seed(s) {seeds}; the baselines "
+        "and CellProfiler are deterministic. Values in parentheses are flagged not informative by the metric code. "
+        f"Run on {machine.get('cpu', '?')} ({machine.get('cores_usable', '?')} cores usable) in "
+        f"{result['total_wall_s'] / 60:.1f} min (machine and wall time from the JSON); full tables, paired "
+        "differences and training health in "
+        "[benchmarks/results/methods_bbbc021.md](benchmarks/results/methods_bbbc021.md).",
+        "",
+        "| method | " + " | ".join(title for _, title in BBBC021_COLUMNS) + " |",
+        "|---|" + "---|" * len(BBBC021_COLUMNS),
+    ]
+    for method, label in BBBC021_ROWS:
+        if method not in block:
+            continue
+        cells = []
+        for name, _ in BBBC021_COLUMNS:
+            flags = [e["metrics"][name].get("informative", True) for r in result["runs"] if r["method"] == method
+                     for e in r["evaluations"] if e["correction"] == correction and name in e["metrics"]]
+            cells.append(_mean_sd(block[method].get(name), all(flags)))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    paired = result["summary"][correction]["paired_differences"].get("cdcl - dino")
+    if paired:
+        lines.append("| *cdcl − dino, paired* | " + " | ".join(_mean_sd(paired.get(n)) for n, _ in BBBC021_COLUMNS)
+                     + " |")
+    return "\n".join(lines)
+
+
+README_SECTIONS = {"bbbc021_quality": lambda folder: bbbc021_quality_table(_load(folder, "methods_bbbc021"))}
+
+
+def update_readme(folder: str | Path, readme: str | Path = README) -> list[str]:
+    """Rewrite every generated section of ``readme`` (between its markers) from the JSON in ``folder``.
+
+    Returns the names of the sections found; a section whose markers are missing is left out (and not added).
+    """
+    readme = Path(readme)
+    text = readme.read_text()
+    found = []
+    for name, render in README_SECTIONS.items():
+        start, end = f"<!-- generated:{name}:start -->", f"<!-- generated:{name}:end -->"
+        if start not in text or end not in text:
+            continue
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        text = f"{head}{start}\n{render(Path(folder))}\n{end}{tail}"
+        found.append(name)
+    readme.write_text(text)
+    return found
+
+
 def tables(folder: str | Path) -> str:
     folder = Path(folder)
     sections = []
     for name, render in (("inference", inference_table), ("training_step", training_table),
-                         ("data_path", data_path_table), ("pairing", pairing_table)):
+                         ("data_path", data_path_table), ("pairing", pairing_table),
+                         ("gpu", gpu_table)):
         result = _load(folder, name)
         if result is not None:
             sections.append(render(result))
@@ -139,4 +270,9 @@ def tables(folder: str | Path) -> str:
 
 
 if __name__ == "__main__":
-    print(tables(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "results"), end="")
+    arguments = [a for a in sys.argv[1:] if a != "--update_readme"]
+    results = arguments[0] if arguments else Path(__file__).parent / "results"
+    if "--update_readme" in sys.argv[1:]:
+        print(f"updated README sections: {', '.join(update_readme(results)) or 'none (no markers found)'}")
+    else:
+        print(tables(results), end="")

@@ -23,6 +23,15 @@ ARCHITECTURE_PRESETS = {
         "patch_size": 16,
         "image_size": 224,
     },
+    # Single-cell crops (~64 px) on CPUs: DeiT-Ti's width and heads, 6 layers, 8-px patches (64 tokens at 64 px).
+    "vit-crops-patch8": {
+        "hidden_size": 192,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 3,
+        "intermediate_size": 768,
+        "patch_size": 8,
+        "image_size": 64,
+    },
     # For tests and CPU smoke runs.
     "tiny": {
         "hidden_size": 64,
@@ -156,7 +165,8 @@ class CDCLConfig(PretrainedConfig):
         Args:
             name (`str`):
                 One of the keys of `ARCHITECTURE_PRESETS`: `"vit-small-patch16"` (DeiT-S/16), `"vit-base-patch16"`
-                (ViT-B/16) or `"tiny"` (for tests and CPU smoke runs).
+                (ViT-B/16), `"vit-crops-patch8"` (DeiT-Ti width, 6 layers, 8-px patches: single-cell crops on CPUs)
+                or `"tiny"` (for tests and CPU smoke runs).
             overrides:
                 Any other `CDCLConfig` argument (e.g. `num_channels=5`, `drop_path_rate=0.1`); it takes precedence
                 over the preset.

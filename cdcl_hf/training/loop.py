@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 import numpy as np
 import torch
@@ -13,7 +14,7 @@ from ..losses import CDCLObjective
 from .checkpoints import TrainingPosition, save_checkpoint
 from .components import TrainingSchedules
 from .step import NonFiniteLossError, train_step
-from .tracking import StepLogger
+from .tracking import CollapseGuard, StepLogger
 
 __all__ = ["train_loop"]
 
@@ -45,7 +46,14 @@ def train_loop(
     global_step, data_pass = position.global_step, position.data_pass
     show_progress = accelerator.is_local_main_process
     with tqdm(total=stop_at, initial=global_step, disable=not show_progress, desc="training") as progress_bar:
-        step_logger = StepLogger(accelerator, args.output_dir / "train_log.jsonl", args.logging_steps, progress_bar)
+        # Checked once the teacher temperature has warmed up (at most from half-way through the run).
+        collapse_guard = CollapseGuard(
+            log_k=math.log(args.out_dim),
+            start_step=min(max(1, args.warmup_teacher_temp_epochs) * schedules.steps_per_epoch, stop_at // 2),
+        )
+        step_logger = StepLogger(
+            accelerator, args.output_dir / "train_log.jsonl", args.logging_steps, progress_bar, collapse_guard
+        )
         student.train()
         while global_step < stop_at:
             # accelerate's loaders pass the pass index on to the sampler (map-style) or the dataset (stream), which

@@ -16,7 +16,9 @@ from ..pairing import count_pair_cases
 from .arguments import serializable_arguments
 from .step import StepOutput
 
-__all__ = ["configure_logging", "init_trackers", "StepLogger"]
+__all__ = ["configure_logging", "init_trackers", "CollapseGuard", "StepLogger"]
+
+logger = logging.getLogger(__name__)
 
 
 def configure_logging(accelerator: Accelerator) -> None:
@@ -47,6 +49,55 @@ def init_trackers(accelerator: Accelerator, args: argparse.Namespace) -> None:
     accelerator.init_trackers("cdcl", config=config)
 
 
+class CollapseGuard:
+    r"""
+    Warns when the teacher drifts into one of DINO's two collapses, read off each log line's collapse indicators:
+    - to **uniform**: every output is close to the uniform distribution (`teacher_entropy_ratio` >= `uniform_ratio`);
+      the head then carries almost no information and the student learns little;
+    - onto **a few dimensions**: the batch's mean output concentrates on few of the K outputs
+      (`teacher_kl_to_uniform` >= `few_dimensions_fraction` x log K, i.e. fewer than about K^(1 - fraction) in use).
+    The early steps are skipped (a fresh head's outputs are near uniform while the teacher temperature warms up).
+    Each kind is warned once, and again only after the run has recovered from it.
+
+    Args:
+        log_k (`float`): log of the head's output dimension K.
+        start_step (`int`): The first optimizer step checked.
+        uniform_ratio (`float`, *optional*, defaults to 0.95): Entropy ratio from which the teacher counts as uniform.
+        few_dimensions_fraction (`float`, *optional*, defaults to 0.5): Fraction of log K from which the KL to uniform
+            counts as a collapse onto few dimensions.
+    """
+
+    HINT = ("lower --teacher_temp, centre over fewer, larger domains (--domain_column) or raise --out_dim; "
+            "benchmarks/results/tuning_bbbc021_crops.md shows what moved these runs")
+
+    def __init__(self, log_k: float, start_step: int, uniform_ratio: float = 0.95, few_dimensions_fraction: float = 0.5):
+        self.log_k, self.start_step = log_k, start_step
+        self.uniform_ratio, self.few_dimensions_fraction = uniform_ratio, few_dimensions_fraction
+        self.active: set[str] = set()
+
+    def check(self, logs: dict[str, Any]) -> list[str]:
+        """The collapse kinds this log line is in (warning on entering one); empty before `start_step`."""
+        if logs["step"] < self.start_step or "teacher_entropy_ratio" not in logs:
+            return []
+        ratio, kl = logs["teacher_entropy_ratio"], logs["teacher_kl_to_uniform"]
+        states = {
+            "uniform": (ratio >= self.uniform_ratio,
+                        f"teacher entropy ratio {ratio:.3f} >= {self.uniform_ratio} (KL to uniform {kl:.3f}): the "
+                        "teacher's outputs are drifting to uniform"),
+            "few_dimensions": (kl >= self.few_dimensions_fraction * self.log_k,
+                               f"teacher KL to uniform {kl:.3f} >= {self.few_dimensions_fraction} x log K "
+                               f"({self.few_dimensions_fraction * self.log_k:.3f}): the teacher's outputs collapse onto "
+                               "a few dimensions"),
+        }
+        for kind, (collapsing, message) in states.items():
+            if not collapsing:
+                self.active.discard(kind)
+            elif kind not in self.active:
+                logger.warning(f"step {logs['step']}: {message}; {self.HINT}")
+                self.active.add(kind)
+        return [kind for kind, (collapsing, _) in states.items() if collapsing]
+
+
 class StepLogger:
     r"""
     Logs every `logging_steps` optimizer steps (and the first and last): trackers, `train_log.jsonl` and the progress
@@ -59,10 +110,12 @@ class StepLogger:
         progress_bar: A tqdm bar whose postfix shows the loss.
     """
 
-    def __init__(self, accelerator: Accelerator, log_file: Path, logging_steps: int, progress_bar: Any):
+    def __init__(self, accelerator: Accelerator, log_file: Path, logging_steps: int, progress_bar: Any,
+                 collapse_guard: CollapseGuard | None = None):
         self.accelerator, self.log_file, self.logging_steps, self.progress_bar = (
             accelerator, log_file, logging_steps, progress_bar
         )
+        self.collapse_guard = collapse_guard
         self.pair_cases: dict[str, int] = {}
 
     def count_pairs(self, batch: dict[str, Any]) -> None:
@@ -83,6 +136,10 @@ class StepLogger:
             **({"grad_norm": step.grad_norm} if step.grad_norm is not None else {}),
             **{f"pairs_{case}": count for case, count in self.pair_cases.items() if count},
         )
+        if self.collapse_guard is not None and self.accelerator.is_main_process:
+            collapse = self.collapse_guard.check(logs)
+            if collapse:
+                logs["collapse_warning"] = ",".join(collapse)
         self.progress_bar.set_postfix(loss=f"{logs['loss']:.4f}")
         self.accelerator.log(logs, step=global_step)
         if self.accelerator.is_main_process:
