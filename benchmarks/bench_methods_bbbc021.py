@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import shlex
@@ -139,6 +140,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: first seed only, --max_train_steps QUICK_STEPS, --null_size 100")
     parser.add_argument("--quick_steps", type=int, default=6)
+    parser.add_argument("--heldout_batches", nargs="*", default=[f"Week{i}" for i in range(6, 11)],
+                        help="also score every model on the crops of these batches alone: the half of the screen "
+                             "that the preset's tuning never saw (benchmarks/tune_bbbc021_crops.py); none: skip")
     parser.add_argument("--protocol_note", default=DEFAULT_PROTOCOL_NOTE,
                         help="text stored as `protocol` in the JSON and printed in the .md")
     args = parser.parse_args(argv)
@@ -149,6 +153,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.work_dir = ROOT / "outputs" / ("bench_methods_bbbc021_quick" if args.quick else "bench_methods_bbbc021")
     args.work_dir = args.work_dir.resolve()
     return args
+
+
+HELDOUT = "held-out weeks"
+
+
+def summary_key(correction: str, screen: str) -> str:
+    """The summary section of one evaluation: the correction, for the whole screen or for the held-out weeks."""
+    return correction if screen == "all" else f"{correction}, {HELDOUT}"
+
+
+def summary_keys(args) -> list[str]:
+    screens = ["all"] + (["heldout"] if args.heldout_batches else [])
+    return [summary_key(c, screen) for screen in screens for c in args.corrections]
 
 
 def relative(path: Path) -> str:
@@ -163,22 +180,34 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def build_crops_dataset(crops_dir: Path, work_dir: Path) -> dict:
-    """The crops as a screen dataset (built once with the real folder builder; reused while metadata.csv is the same)."""
+def build_crops_dataset(crops_dir: Path, work_dir: Path, batches: list[str] | None = None) -> dict:
+    """The crops (or those of `batches` only) as a screen dataset, built once with the real folder builder and
+    reused while metadata.csv is the same."""
+    import pandas as pd
+
     from cdcl_hf.dataset_builders import build_screen_dataset, folder_source
 
-    output_dir = work_dir / "dataset"
-    marker = work_dir / "dataset_source.json"
+    name = "dataset" if batches is None else "dataset_" + "_".join(sorted(batches))
+    output_dir = work_dir / name
+    marker = work_dir / f"{name}_source.json"
+    metadata_csv = crops_dir / "metadata.csv"
     source_description = {"metadata_csv": str(crops_dir.resolve() / "metadata.csv"),
                           "metadata_sha256": file_sha256(crops_dir / "metadata.csv"),
                           "num_image_files": len(list((crops_dir / "images").glob("*.npy"))),
-                          "channel_names": list(CHANNEL_NAMES)}
+                          "channel_names": list(CHANNEL_NAMES), "batches": sorted(batches) if batches else "all"}
     started = time.perf_counter()
     reused = marker.is_file() and json.loads(marker.read_text()) == source_description and output_dir.is_dir()
     if not reused:
         work_dir.mkdir(parents=True, exist_ok=True)
-        source = folder_source(crops_dir / "metadata.csv", image_root=crops_dir / "images",
-                               channel_names=list(CHANNEL_NAMES))
+        if batches is not None:
+            metadata = pd.read_csv(metadata_csv)
+            unknown = sorted(set(batches) - set(metadata["batch"]))
+            if unknown:
+                raise SystemExit(f"bench_methods_bbbc021: error: --heldout_batches {unknown} are not batches of "
+                                 f"{metadata_csv}")
+            metadata_csv = work_dir / f"{name}_metadata.csv"
+            metadata[metadata["batch"].isin(batches)].to_csv(metadata_csv, index=False)
+        source = folder_source(metadata_csv, image_root=crops_dir / "images", channel_names=list(CHANNEL_NAMES))
         build_screen_dataset(source, output_dir=output_dir, overwrite=True)
         marker.write_text(json.dumps(source_description, indent=2))
     from cdcl_hf.screen_data import load_screen
@@ -234,10 +263,11 @@ def evaluate_command(args, model_dir: Path, dataset: str, eval_dir: Path, correc
             "--no_progress"]
 
 
-def run_trained(args, seed: int, method: str, dataset: str, threads: int) -> dict:
+def run_trained(args, seed: int, method: str, screens: dict[str, str], threads: int) -> dict:
+    """Train one (seed, method) on the whole screen; evaluate it on every screen (all crops, held-out weeks)."""
     out = args.work_dir / f"seed{seed}" / method
     out.parent.mkdir(parents=True, exist_ok=True)
-    command = train_command(args, seed, method, dataset, out)
+    command = train_command(args, seed, method, screens["all"], out)
     record = {"kind": "trained", "seed": seed, "method": method, "commands": [display(command)]}
     log(f"[seed {seed}] train {method} ...")
     record["train_wall_s"] = round(run_command(command, out.parent / f"{method}.train.log", threads), 1)
@@ -245,12 +275,14 @@ def run_trained(args, seed: int, method: str, dataset: str, threads: int) -> dic
     log(f"[seed {seed}] train {method}: {record['train_wall_s']} s, {record['training']['final_step']} steps, final "
         f"teacher entropy ratio {record['training'].get('final_teacher_entropy_ratio', float('nan')):.3f}")
     record["evaluations"] = []
-    for correction in args.corrections:
-        eval_dir = out.parent / f"{method}.eval_{correction}"  # outside the model folder (refused inside)
+    for (screen, dataset), correction in itertools.product(screens.items(), args.corrections):
+        suffix = correction if screen == "all" else f"{correction}_{screen}"
+        eval_dir = out.parent / f"{method}.eval_{suffix}"  # outside the model folder (refused inside)
         command = evaluate_command(args, out, dataset, eval_dir, correction, seed)
-        wall = run_command(command, out.parent / f"{method}.eval_{correction}.log", threads)
+        wall = run_command(command, out.parent / f"{method}.eval_{suffix}.log", threads)
         report = json.loads((eval_dir / "results.json").read_text())
-        record["evaluations"].append({"correction": correction, "wall_s": round(wall, 1),
+        record["evaluations"].append({"correction": correction, "screen": screen,
+                                      "summary_key": summary_key(correction, screen), "wall_s": round(wall, 1),
                                       "n_images": report["n_images"], "n_profiles": report["n_profiles"],
                                       "input_normalization": report.get("input_normalization"),
                                       "metrics": collect_metrics(report["metrics"])})
@@ -363,6 +395,15 @@ def score_profile_table(profiles, cli, aggregate_wells: bool = True) -> dict:
     return {"n_profiles": len(profiles), "metrics": {name: result.to_dict() for name, result in results.items()}}
 
 
+def screen_rows(args, table) -> dict:
+    """{"all": every row, "heldout": the rows of the held-out weeks} of a profile table. Plates lie within one week,
+    so the per-plate normalisation of a row is the same in both."""
+    screens = {"all": table}
+    if args.heldout_batches:
+        screens["heldout"] = table[table["Metadata_Batch"].isin(args.heldout_batches)].reset_index(drop=True)
+    return screens
+
+
 def run_baselines(args, dataset: str) -> list[dict]:
     log("[baselines] features ...")
     started = time.perf_counter()
@@ -378,12 +419,14 @@ def run_baselines(args, dataset: str) -> list[dict]:
                          "per well -> correct_profiles -> metrics.evaluate_profiles) with the evaluate CLI's parsed "
                          "arguments"],
             "evaluations": []}
-        for correction in args.corrections:
+        for (screen, rows), correction in itertools.product(screen_rows(args, table).items(), args.corrections):
             cli = evaluation_args(args, dataset, correction, BASELINE_EVAL_SEED)
             started = time.perf_counter()
-            scored = score_profile_table(table, cli)
-            record["evaluations"].append({"correction": correction, "wall_s": round(time.perf_counter() - started, 1),
-                                          "n_images": len(table), "n_profiles": scored["n_profiles"],
+            scored = score_profile_table(rows, cli)
+            record["evaluations"].append({"correction": correction, "screen": screen,
+                                          "summary_key": summary_key(correction, screen),
+                                          "wall_s": round(time.perf_counter() - started, 1),
+                                          "n_images": len(rows), "n_profiles": scored["n_profiles"],
                                           "metrics": collect_metrics(scored["metrics"])})
         log(f"[baselines] {name} scored")
         records.append(record)
@@ -427,32 +470,37 @@ def run_cellprofiler(args, dataset: str) -> dict:
     table, description = cellprofiler_profiles(args.profiles_csv, args.crops_dir / "metadata.csv")
     # Already MAD-robustised per plate by its authors: scored as published (correction none), at well level.
     cli = evaluation_args(args, dataset, "none", BASELINE_EVAL_SEED)
-    started = time.perf_counter()
-    scored = score_profile_table(table, cli, aggregate_wells=False)
-    evaluation = {"correction": "as published (none)", "wall_s": round(time.perf_counter() - started, 1),
-                  "n_profiles": scored["n_profiles"], "metrics": collect_metrics(scored["metrics"])}
-    log(f"[cellprofiler] NSC {evaluation['metrics']['nsc']['value']:.3f} (n {evaluation['metrics']['nsc']['n']}), "
-        f"NSCB {evaluation['metrics']['nscb']['value']:.3f} (n {evaluation['metrics']['nscb']['n']})")
+    evaluations = []
+    for screen, rows in screen_rows(args, table).items():
+        started = time.perf_counter()
+        scored = score_profile_table(rows, cli, aggregate_wells=False)
+        evaluation = {"screen": screen, "wall_s": round(time.perf_counter() - started, 1),
+                      "n_profiles": scored["n_profiles"], "metrics": collect_metrics(scored["metrics"])}
+        log(f"[cellprofiler] {screen}: NSC {evaluation['metrics']['nsc']['value']:.3f} "
+            f"(n {evaluation['metrics']['nsc']['n']}), NSCB {evaluation['metrics']['nscb']['value']:.3f} "
+            f"(n {evaluation['metrics']['nscb']['n']})")
+        # One evaluation per screen, shown under every correction.
+        evaluations += [{**evaluation, "correction": c, "summary_key": summary_key(c, screen), "as_published": True}
+                        for c in args.corrections]
     return {"kind": "reference", "method": REFERENCE, "seed": None, "source": relative(args.profiles_csv),
             **description, "metric_seed": BASELINE_EVAL_SEED, "reference_figures": {"nsc": 0.903, "nsc_n": 103,
                                                                                     "nscb": 0.761, "nscb_n": 92},
             "commands": ["in process: cellprofiler_profiles (CSV rows whose Metadata_Plate + Metadata_Well are among "
                          "the crops' plate + well) then score_profile_table(aggregate_wells=False, correction none)"],
-            # One evaluation, shown under every correction.
-            "evaluations": [{**evaluation, "correction": c, "as_published": True} for c in args.corrections]}
+            "evaluations": evaluations}
 
 
 # ---------------------------------------------------------------------------------------------- summary
 
 
-def values_by_seed(records: list[dict], method: str, correction: str, name: str, seeds: list[int]) -> dict:
+def values_by_seed(records: list[dict], method: str, key: str, name: str, seeds: list[int]) -> dict:
     """{seed: value} for a trained method; the one value repeated for every seed for a baseline / the reference."""
     values = {}
     for r in records:
         if r["method"] != method:
             continue
         for e in r["evaluations"]:
-            if e["correction"] == correction and name in e["metrics"]:
+            if e["summary_key"] == key and name in e["metrics"]:
                 if r["seed"] is None:
                     return {seed: e["metrics"][name]["value"] for seed in seeds}
                 values[r["seed"]] = e["metrics"][name]["value"]
@@ -461,12 +509,12 @@ def values_by_seed(records: list[dict], method: str, correction: str, name: str,
 
 def summarise(records: list[dict], args) -> dict:
     summary: dict = {}
-    for correction in args.corrections:
+    for key in summary_keys(args):
         table, by = {}, {}
         for method in ROWS:
             per_metric = {}
             for name, _, _ in METRICS:
-                values = values_by_seed(records, method, correction, name, args.seeds)
+                values = values_by_seed(records, method, key, name, args.seeds)
                 by[(method, name)] = values
                 if method in TRAINED_METHODS:
                     per_metric[name] = {**mean_std(list(values.values())), "per_seed": values}
@@ -481,7 +529,7 @@ def summarise(records: list[dict], args) -> dict:
                 va, vb = by[(a, name)], by[(b, name)]
                 diffs = {s: va[s] - vb[s] for s in va if s in vb and va[s] is not None and vb[s] is not None}
                 paired[f"{a} - {b}"][name] = {**mean_std(list(diffs.values())), "per_seed": diffs}
-        summary[correction] = {"metrics": table, "paired_differences": paired}
+        summary[key] = {"metrics": table, "paired_differences": paired}
     health = {}
     for method in TRAINED_METHODS:
         runs = [r for r in records if r["method"] == method]
@@ -499,9 +547,9 @@ def cell(stats: dict | None, informative: bool = True) -> str:
     return text if informative or text == "n/d" else f"({text})"
 
 
-def informative_everywhere(records: list[dict], method: str, correction: str, name: str) -> bool:
+def informative_everywhere(records: list[dict], method: str, key: str, name: str) -> bool:
     flags = [e["metrics"][name].get("informative", True) for r in records if r["method"] == method
-             for e in r["evaluations"] if e["correction"] == correction and name in e["metrics"]]
+             for e in r["evaluations"] if e["summary_key"] == key and name in e["metrics"]]
     return all(flags) if flags else True
 
 
@@ -539,16 +587,19 @@ def markdown(result: dict, args) -> str:
     ]
     titles = METRICS
     records = result["runs"]
-    for correction, block in result["summary"].items():
-        if correction == "training_health":
+    for key, block in result["summary"].items():
+        if key == "training_health":
             continue
-        lines += [f"## Results: correction `{correction}`", ""]
+        correction, _, screen = key.partition(", ")
+        lines += [f"## Results: correction `{correction}`"
+                  + (f", {HELDOUT} only ({', '.join(args.heldout_batches)}: never seen by the preset's tuning)"
+                     if screen else ", all crops"), ""]
         lines += ["| method | " + " | ".join(f"{t} ({'↑' if b == 'higher' else '↓'})" for _, t, b in titles) + " |",
                   "|" + "---|" * (len(titles) + 1)]
         for method, per_metric in block["metrics"].items():
             label = method + (" (as published)" if method == REFERENCE else "")
             lines.append(f"| {label} | " + " | ".join(
-                cell(per_metric.get(n), informative_everywhere(records, method, correction, n)) for n, _, _ in titles)
+                cell(per_metric.get(n), informative_everywhere(records, method, key, n)) for n, _, _ in titles)
                 + " |")
         for pair, diffs in block["paired_differences"].items():
             lines.append(f"| *{pair}* (paired) | " + " | ".join(fmt(diffs.get(n)) for n, _, _ in titles) + " |")
@@ -556,12 +607,12 @@ def markdown(result: dict, args) -> str:
         for method in ROWS:
             for r in records:
                 if r["method"] == method:
-                    e = next(e for e in r["evaluations"] if e["correction"] == correction)
+                    e = next(e for e in r["evaluations"] if e["summary_key"] == key)
                     nsc, nscb = e["metrics"].get("nsc", {}), e["metrics"].get("nscb", {})
                     counts.append(f"{method} {nsc.get('n')}/{nscb.get('n')}")
                     break
         chance = next((e["metrics"]["batch_classification_controls"].get("chance") for r in records
-                       for e in r["evaluations"] if e["correction"] == correction
+                       for e in r["evaluations"] if e["summary_key"] == key
                        and "batch_classification_controls" in e["metrics"]), None)
         lines += ["", "Treatments scored (NSC/NSCB): " + ", ".join(counts) + "."]
         if chance is not None:
@@ -609,11 +660,16 @@ def main(argv=None) -> None:
     # In-process scoring shares the cores with the subprocesses: give it the same thread budget.
     from threadpoolctl import threadpool_limits
 
+    screens = {"all": dataset}
+    heldout_info = None
+    if args.heldout_batches:
+        heldout_info = build_crops_dataset(args.crops_dir, args.work_dir, batches=args.heldout_batches)
+        screens["heldout"] = heldout_info["path"]
     with threadpool_limits(threads), ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
         import torch
 
         torch.set_num_threads(threads)
-        futures = [pool.submit(run_trained, args, seed, method, dataset, threads)
+        futures = [pool.submit(run_trained, args, seed, method, screens, threads)
                    for seed in args.seeds for method in TRAINED_METHODS]
         futures.append(pool.submit(run_baselines, args, dataset))
         futures.append(pool.submit(run_cellprofiler, args, dataset))
@@ -632,12 +688,14 @@ def main(argv=None) -> None:
         "preset": preset,
         "settings": {"seeds": args.seeds, "methods": list(ROWS), "config": relative(args.config),
                      "train_flags": shlex.split(args.train_flags), "quick_steps": args.quick_steps if args.quick else None,
-                     "corrections": args.corrections, "null_size": args.null_size, "profile_level": "well",
+                     "corrections": args.corrections, "heldout_batches": args.heldout_batches,
+                     "null_size": args.null_size, "profile_level": "well",
                      "aggregate": "median", "batch_column": args.batch_column, "plate_column": args.plate_column,
                      "crops_dir": relative(args.crops_dir), "profiles_csv": relative(args.profiles_csv),
                      "baseline_metric_seed": BASELINE_EVAL_SEED, "intensity_quantiles": list(INTENSITY_QUANTILES),
                      "intensity_threshold": INTENSITY_THRESHOLD, "pooled_size": POOLED_SIZE},
         "dataset": {**dataset_info, "path": relative(Path(dataset_info["path"]))},
+        "heldout_dataset": None if heldout_info is None else {**heldout_info, "path": relative(Path(heldout_info["path"]))},
         "metric_ranges": {name: list(bounds) for name, bounds in METRIC_RANGES.items()},
         "runs": records,
         "summary": summarise(records, args),

@@ -224,13 +224,26 @@ def bbbc021_quality_table(result: dict | None) -> str:
         cells = []
         for name, _ in BBBC021_COLUMNS:
             flags = [e["metrics"][name].get("informative", True) for r in result["runs"] if r["method"] == method
-                     for e in r["evaluations"] if e["correction"] == correction and name in e["metrics"]]
+                     for e in r["evaluations"] if e.get("summary_key", e["correction"]) == correction
+                     and name in e["metrics"]]
             cells.append(_mean_sd(block[method].get(name), all(flags)))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     paired = result["summary"][correction]["paired_differences"].get("cdcl - dino")
     if paired:
         lines.append("| *cdcl − dino, paired* | " + " | ".join(_mean_sd(paired.get(n)) for n, _ in BBBC021_COLUMNS)
                      + " |")
+    heldout = next((key for key in result["summary"] if key.startswith(f"{correction}, ")), None)
+    if heldout:
+        weeks = result["settings"].get("heldout_batches") or []
+        block = result["summary"][heldout]["metrics"]
+        columns = BBBC021_COLUMNS[:4]
+        lines += ["", f"The same models and baselines scored on the {heldout.split(', ', 1)[1]} alone "
+                  f"({', '.join(weeks)}: the half of the screen the preset's tuning never saw):", "",
+                  "| method | " + " | ".join(title for _, title in columns) + " |", "|---|" + "---|" * len(columns)]
+        for method, label in BBBC021_ROWS:
+            if method in block:
+                lines.append(f"| {label} | " + " | ".join(_mean_sd(block[method].get(name)) for name, _ in columns)
+                             + " |")
     return "\n".join(lines)
 
 

@@ -113,6 +113,22 @@ def test_quick_run_has_every_row_and_sane_metrics(quick_run):
             assert math.isfinite(run["training"]["final_teacher_entropy_ratio"])
 
 
+def test_quick_run_scores_the_held_out_weeks_alone(quick_run):
+    # The weeks the preset's tuning never saw are scored on their own: fewer treatments, every row present.
+    result, md, _ = quick_run
+    weeks = result["settings"]["heldout_batches"]
+    assert weeks == [f"Week{i}" for i in range(6, 11)] and result["heldout_dataset"]["num_batches"] == 5
+    held_out = result["summary"]["none, held-out weeks"]["metrics"]
+    assert tuple(held_out) == ROWS
+    for run in result["runs"]:
+        (whole,) = [e for e in run["evaluations"] if e["summary_key"] == "none"]
+        (half,) = [e for e in run["evaluations"] if e["summary_key"] == "none, held-out weeks"]
+        assert 0 < half["metrics"]["nsc"]["n"] < whole["metrics"]["nsc"]["n"], run["method"]
+        value = half["metrics"]["nsc"]["value"]
+        assert held_out[run["method"]]["nsc"]["per_seed"][0] == value
+    assert "held-out weeks only (Week6, Week7, Week8, Week9, Week10" in md
+
+
 def test_quick_run_cellprofiler_reference(quick_run):
     result, _, _ = quick_run
     (reference,) = [r for r in result["runs"] if r["method"] == "cellprofiler"]

@@ -1,0 +1,176 @@
+"""How `training/configs/bbbc021_crops.yaml` was chosen: a sweep on a tuning half of the BBBC021 crops.
+
+    python benchmarks/tune_bbbc021_crops.py --configs base batch_domain ...   # named variants below
+    python benchmarks/tune_bbbc021_crops.py --list                              # the variants and their flags
+
+Protocol (so that the preset is not tuned on what `bench_methods_bbbc021.py` scores):
+- the tuning screen is the crops of the weeks in --tune_batches (default Week1-Week5); the weeks of the other half
+  (Week6-Week10) never enter a tuning run, and the benchmark reports its scores on that half separately;
+- tuning seeds (default 100, 101) differ from the benchmark's (0, 1, 2);
+- every variant is trained with the real CLI on the tuning screen and scored there with the real evaluation CLI
+  (well profiles, median aggregation, no correction, batch = week); the preset is the variant with the best mean
+  NSCB (NSC breaking ties) among those whose teacher did not drift to uniform.
+Results: benchmarks/results/tuning_bbbc021_crops.json / .md (each run appended; re-running a variant replaces it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pandas as pd
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from bench_methods_bbbc021 import CHANNEL_NAMES, SHARED, collect_metrics, file_sha256  # noqa: E402
+from bench_methods_synthetic import display, log, mean_std, run_command, training_health  # noqa: E402
+from common import machine  # noqa: E402
+
+BASE_PRESET = ROOT / "training" / "configs" / "bbbc021_crops.yaml"
+# Each variant = the flags given on top of --base_preset. Kept as the record of what was tried.
+VARIANTS: dict[str, list[str]] = {
+    "base": [],
+    "batch_domain": ["--domain_column", "batch"],
+    "plate_all": ["--normalization", "plate_all"],
+    "mean_pool": ["--pooling", "mean"],
+    "epochs45": ["--num_train_epochs", "45"],
+    "teacher_temp07": ["--teacher_temp", "0.07"],
+    "crops_model": ["--model_preset", "vit-crops-patch8"],
+    "no_cross_correlation": ["--cross_correlation_weight", "0", "--dino_weight", "1"],
+    "out1024": ["--out_dim", "1024", "--head_hidden_dim", "1024", "--head_bottleneck_dim", "256"],
+    "only_cross_domain": ["--only_cross_domain"],
+    "lr2e-3": ["--learning_rate", "2e-3"],
+    "epochs100": ["--num_train_epochs", "100"],
+    "epochs100_momentum": ["--num_train_epochs", "100", "--momentum_teacher", "0.99", "--momentum_teacher_end", "0.999"],
+}
+SCORED = ("nsc", "nscb", "replicate_map", "moa_map", "batch_classification_controls", "ilisi_controls")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=["base"])
+    parser.add_argument("--list", action="store_true")
+    parser.add_argument("--methods", nargs="+", default=["cdcl"], choices=["cdcl", "dino", "dino-cb"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[100, 101])
+    parser.add_argument("--tune_batches", nargs="+", default=[f"Week{i}" for i in range(1, 6)])
+    parser.add_argument("--base_preset", type=Path, default=BASE_PRESET)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--crops_dir", type=Path, default=SHARED / "bbbc021_crops")
+    parser.add_argument("--work_dir", type=Path, default=ROOT / "outputs" / "tune_bbbc021_crops")
+    parser.add_argument("--output", type=Path, default=HERE / "results" / "tuning_bbbc021_crops")
+    return parser.parse_args(argv)
+
+
+def build_tuning_screen(args) -> dict:
+    """The crops of the tuning weeks, built with the real folder builder (once per week list)."""
+    from cdcl_hf.dataset_builders import build_screen_dataset, folder_source
+
+    metadata = pd.read_csv(args.crops_dir / "metadata.csv")
+    unknown = sorted(set(args.tune_batches) - set(metadata["batch"]))
+    if unknown:
+        raise SystemExit(f"tune_bbbc021_crops: error: --tune_batches {unknown} are not batches of the crops")
+    name = "screen_" + "_".join(sorted(args.tune_batches))
+    folder = args.work_dir / name
+    subset = metadata[metadata["batch"].isin(args.tune_batches)]
+    if not folder.is_dir():
+        args.work_dir.mkdir(parents=True, exist_ok=True)
+        csv = args.work_dir / f"{name}.csv"
+        subset.to_csv(csv, index=False)
+        build_screen_dataset(folder_source(csv, image_root=args.crops_dir / "images", channel_names=list(CHANNEL_NAMES)),
+                             output_dir=folder)
+    return {"path": str(folder), "batches": sorted(args.tune_batches), "num_images": len(subset),
+            "num_plates": int(subset["plate"].nunique()), "num_treatments": int(
+                subset[["compound", "concentration"]].drop_duplicates().shape[0]),
+            "metadata_sha256": file_sha256(args.crops_dir / "metadata.csv")}
+
+
+def run_variant(args, screen: str, variant: str, method: str, seed: int, threads: int) -> dict:
+    out = args.work_dir / variant / f"{method}_seed{seed}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    train = [sys.executable, str(ROOT / "training" / "train.py"), "--config", str(args.base_preset.resolve()),
+             "--dataset_name", screen, "--seed", str(seed), "--method", method, "--output_dir", str(out),
+             "--overwrite_output_dir", *VARIANTS[variant]]
+    train_wall = run_command(train, out.parent / f"{method}_seed{seed}.train.log", threads)
+    eval_dir = out.parent / f"{method}_seed{seed}.eval"
+    evaluate = [sys.executable, str(ROOT / "training" / "evaluate_embeddings.py"), "--model", str(out),
+                "--dataset_name", screen, "--output_dir", str(eval_dir), "--profile_level", "well", "--aggregate",
+                "median", "--correction", "none", "--batch_column", "batch", "--null_size", "200", "--seed", str(seed),
+                "--no_progress"]
+    eval_wall = run_command(evaluate, out.parent / f"{method}_seed{seed}.eval.log", threads)
+    report = json.loads((eval_dir / "results.json").read_text())
+    health = training_health(out)
+    metrics = collect_metrics(report["metrics"])
+    record = {"variant": variant, "flags": VARIANTS[variant], "method": method, "seed": seed,
+              "train_wall_s": round(train_wall, 1), "eval_wall_s": round(eval_wall, 1),
+              "metrics": {k: metrics[k]["value"] for k in SCORED if k in metrics},
+              "final_teacher_entropy_ratio": health.get("final_teacher_entropy_ratio"),
+              "final_teacher_kl_to_uniform": health.get("final_teacher_kl_to_uniform"),
+              "final_step": health["final_step"], "commands": [display(train), display(evaluate)]}
+    log(f"{variant} {method} seed {seed}: NSC {record['metrics'].get('nsc', float('nan')):.3f} NSCB "
+        f"{record['metrics'].get('nscb', float('nan')):.3f} entropy ratio "
+        f"{record['final_teacher_entropy_ratio'] or float('nan'):.3f} ({train_wall:.0f} s)")
+    return record
+
+
+def markdown(result: dict) -> str:
+    lines = ["# Tuning the BBBC021-crops preset (tuning half only)", "", result["protocol"], "",
+             f"Tuning screen: {result['screen']['num_images']} crops of {', '.join(result['screen']['batches'])} "
+             f"({result['screen']['num_plates']} plates, {result['screen']['num_treatments']} treatments). Machine: "
+             f"{result['machine']['cpu']}, {result['machine']['cores_usable']} cores. Values: mean ± sd over the "
+             "tuning seeds.", "",
+             "| variant | method | flags | " + " | ".join(SCORED) + " | teacher entropy ratio | train s |",
+             "|---|---|---|" + "---|" * (len(SCORED) + 2)]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for record in result["runs"]:
+        groups.setdefault((record["variant"], record["method"]), []).append(record)
+    for (variant, method), records in groups.items():
+        cells = []
+        for name in SCORED:
+            stats = mean_std([r["metrics"].get(name) for r in records])
+            cells.append("n/d" if stats["mean"] is None else f"{stats['mean']:.3f} ± {stats['std']:.3f}")
+        entropy = mean_std([r["final_teacher_entropy_ratio"] for r in records])
+        wall = mean_std([r["train_wall_s"] for r in records])
+        lines.append(f"| {variant} | {method} | `{' '.join(records[0]['flags']) or '(preset)'}` | " + " | ".join(cells)
+                     + f" | {entropy['mean']:.3f} | {wall['mean']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.list:
+        for name, flags in VARIANTS.items():
+            print(f"{name}: {shlex.join(flags)}")
+        return
+    unknown = [c for c in args.configs if c not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"tune_bbbc021_crops: error: unknown --configs {unknown}; --list shows them")
+    args.work_dir = args.work_dir.resolve()
+    started = time.perf_counter()
+    screen = build_tuning_screen(args)
+    threads = max(1, 2 // max(args.jobs, 1))
+    tasks = [(v, m, s) for v in args.configs for m in args.methods for s in args.seeds]
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        records = list(pool.map(lambda t: run_variant(args, screen["path"], *t, threads), tasks))
+    json_path = args.output.with_suffix(".json")
+    previous = json.loads(json_path.read_text())["runs"] if json_path.is_file() else []
+    done = {(r["variant"], r["method"], r["seed"]) for r in records}
+    runs = [r for r in previous if (r["variant"], r["method"], r["seed"]) not in done] + records
+    result = {"benchmark": "tuning of training/configs/bbbc021_crops.yaml on the tuning half of the BBBC021 crops",
+              "protocol": " ".join(line.strip() for line in __doc__.split("Protocol")[1].split("Results:")[0]
+                                   .splitlines()[1:]).replace("- ", "• "),
+              "base_preset": args.base_preset.read_text(), "machine": machine(), "screen": screen,
+              "variants": VARIANTS, "runs": runs, "last_wall_s": round(time.perf_counter() - started, 1)}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    args.output.with_suffix(".md").write_text(markdown(result))
+    log(f"wrote {json_path} ({len(records)} runs in {result['last_wall_s'] / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    main()
