@@ -10,16 +10,23 @@ and reports the index's memory (the bytes of its arrays).
 Evaluation: `cdcl_hf.metrics.evaluate_profiles` on synthetic image-level profiles (64 features; ~10 replicates per
 treatment, 12 MoAs, 10 batches, 40 plates, 20 % controls) at 1e3, 1e4, 1e5 rows, each size in its own process
 with a time and memory limit (a size that exceeds them is recorded as such); the time of each metric function it
-calls is recorded, so the cost curve of NSC / NSCB / mAP / kNN / batch measures is known.
-Writes benchmarks/results/pairing.json. Run: python benchmarks/bench_pairing.py [--quick]
+calls is recorded, so the cost curve of NSC / NSCB / mAP / kNN / batch measures is known. At 1e3 rows the
+evaluation before the scaling work (cdcl_hf/metrics.py at commit BEFORE_COMMIT, read with `git show`) and the
+current one run interleaved in one process (median of the per-repeat time ratios, with their values compared).
+Writes benchmarks/results/pairing.json. Run: python benchmarks/bench_pairing.py [--quick] [--only evaluation]
+(`--only evaluation` reruns the evaluation part and merges it into the existing JSON, keeping the partner-index
+results; `--only partners` the reverse).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import platform
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -153,6 +160,72 @@ def _evaluate_one(n: int) -> dict:
     return {"profiles": n, "seconds": {k: round(v, 4) for k, v in seconds.items()}}
 
 
+# The last commit whose cdcl_hf/metrics.py predates the evaluation scaling work (issue 10, item 4).
+BEFORE_COMMIT = "1951767"
+
+
+def _metrics_before():
+    """cdcl_hf/metrics.py as it was at BEFORE_COMMIT, imported as a module beside the package (for the ratio only)."""
+    repo = Path(__file__).resolve().parent.parent
+    source = subprocess.run(["git", "-C", str(repo), "show", f"{BEFORE_COMMIT}:cdcl_hf/metrics.py"],
+                            capture_output=True, text=True, check=True).stdout
+    spec = importlib.util.spec_from_loader("cdcl_hf._metrics_before", loader=None)
+    module = importlib.util.module_from_spec(spec)
+    module.__package__ = "cdcl_hf"  # its `from .profiling import ...` resolves to the package
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    exec(compile(source, f"{BEFORE_COMMIT}:cdcl_hf/metrics.py", "exec"), module.__dict__)
+    return module
+
+
+def _one_thread():
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1)
+
+
+def before_after(n: int, repeats: int) -> dict:
+    """The evaluation before the scaling work vs now, on n profiles, interleaved round-robin in this process.
+
+    Two settings: the BLAS / OpenMP threads as the environment gives them (how the evaluation runs by default) and
+    every thread pool limited to one (the algorithmic change alone). Also the largest difference of each metric's
+    value between the two (n below every cap: the values should agree).
+    """
+    import contextlib
+
+    import cdcl_hf.metrics as after
+
+    before = _metrics_before()
+    profiles = _synthetic_profiles(n)
+    out: dict = {"profiles": n, "repeats": repeats, "before": f"cdcl_hf/metrics.py at {BEFORE_COMMIT}",
+                 "after": "cdcl_hf/metrics.py in this tree"}
+    values = {}
+    for setting, limit in (("default_threads", contextlib.nullcontext), ("one_thread", _one_thread)):
+        times: dict[str, list[float]] = {"before": [], "after": []}
+        for _ in range(repeats):
+            for label, module in (("before", before), ("after", after)):
+                with limit():
+                    start = time.perf_counter()
+                    values[label] = module.evaluate_profiles(profiles, null_size=1000)
+                    times[label].append(time.perf_counter() - start)
+        ratios = [b / a for b, a in zip(times["before"], times["after"], strict=True)]
+        out[setting] = {
+            "before_s": [round(t, 3) for t in times["before"]], "after_s": [round(t, 3) for t in times["after"]],
+            "speedup_median": round(statistics.median(ratios), 2),
+            "speedup_min_max": [round(min(ratios), 2), round(max(ratios), 2)],
+        }
+        print(json.dumps({setting: out[setting]}))
+    differences = {}
+    for name, result in values["after"].items():
+        old = values["before"][name]
+        if result.defined and old.defined:
+            differences[name] = abs(result.value - old.value)
+        else:
+            differences[name] = None if result.defined == old.defined else "defined differs"
+    out["abs_value_difference"] = differences
+    out["threads_env"] = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+    return out
+
+
 def bench_evaluation(sizes: list[int], timeout_s: float, memory_gib: float) -> dict:
     rows = []
     for n in sizes:
@@ -179,14 +252,48 @@ def bench_evaluation(sizes: list[int], timeout_s: float, memory_gib: float) -> d
         if "failed" in row:
             break  # a larger size would fail too
     return {"stages": [*EVALUATION_STAGES, "total"], "timeout_s": timeout_s, "memory_limit_gib": memory_gib,
-            "results": rows}
+            "results": rows,
+            "caps": {name: getattr(__import__("cdcl_hf.metrics", fromlist=[name]), name)
+                     for name in ("MAX_SCORED_PROFILES", "MAX_CLASSIFIED_PROFILES", "MAX_COPAIRS_PAIRS")}}
+
+
+def _evaluation_part(quick: bool, repeats: int) -> dict:
+    evaluation = bench_evaluation([300] if quick else [1_000, 10_000, 100_000],
+                                  timeout_s=120 if quick else 360, memory_gib=16)
+    try:
+        comparison = before_after(300 if quick else 1_000, 1 if quick else repeats)
+    except (subprocess.CalledProcessError, OSError) as error:  # no git, or a clone without that commit
+        comparison = {"skipped": f"the metrics before {BEFORE_COMMIT} could not be read: {error}"}
+    evaluation["before_after"] = comparison
+    if "default_threads" in comparison:
+        default, one = comparison["default_threads"], comparison["one_thread"]
+        evaluation["note"] = (
+            f"Evaluation at {comparison['profiles']:,} profiles, before the scaling work ({BEFORE_COMMIT}) ÷ now, "
+            f"interleaved in one process, median (min–max) of {comparison['repeats']}: "
+            f"{default['speedup_median']}× ({default['speedup_min_max'][0]}–{default['speedup_min_max'][1]}) with "
+            f"the default BLAS threads, {one['speedup_median']}× ({one['speedup_min_max'][0]}–"
+            f"{one['speedup_min_max'][1]}) with one thread. Above {evaluation['caps']['MAX_SCORED_PROFILES']:,} "
+            "profiles the per-profile scores average a stratified sample (docs/evaluation.md, Large screens)."
+        )
+    return evaluation
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer draws and sizes (a smoke run)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "pairing.json"))
+    parser.add_argument("--only", choices=["partners", "evaluation"], default=None,
+                        help="run one part and merge it into the existing --out JSON, keeping the other part")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of the before/after evaluation comparison")
     args = parser.parse_args()
+    out = Path(args.out)
+    if args.only == "evaluation":
+        result = json.loads(out.read_text()) if out.exists() else {}
+        result["evaluation"] = _evaluation_part(args.quick, args.repeats)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        print(f"wrote the evaluation part into {out}")
+        return
     sizes = [1_000, 10_000, 100_000] if args.quick else [1_000, 10_000, 100_000, 1_000_000, 10_000_000]
     draws = 2_000 if args.quick else 20_000
     rows = bench(sizes, draws=draws, naive_limit=1_000_000, repeats=3)
@@ -206,10 +313,13 @@ def main() -> None:
             "not extra work. The naive per-item table filter grows linearly."
         ),
         "results": rows,
-        "evaluation": bench_evaluation([300] if args.quick else [1_000, 10_000, 100_000],
-                                       timeout_s=120 if args.quick else 300, memory_gib=16),
     }
-    out = Path(args.out)
+    if args.only == "partners" and out.exists():
+        previous = json.loads(out.read_text())
+        if "evaluation" in previous:
+            result["evaluation"] = previous["evaluation"]
+    else:
+        result["evaluation"] = _evaluation_part(args.quick, args.repeats)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"per-item time 1e6 / 1e3 = {flat_ratio:.2f}; wrote {out}")

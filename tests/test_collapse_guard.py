@@ -3,8 +3,9 @@
 import logging
 import math
 
-from cdcl_hf.training.tracking import CollapseGuard
 from test_train import read_log, train
+
+from cdcl_hf.training.tracking import CollapseGuard
 
 LOG_K = math.log(256)
 

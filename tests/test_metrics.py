@@ -397,3 +397,181 @@ def test_undefined_results_are_not_informative_and_serialise_the_flag():
     result = MetricResult.undefined("x", "no batch")
     assert result.to_dict()["informative"] is False
     assert MetricResult("y", 0.5, 3, True).to_dict()["informative"] is True
+
+
+# ---------------------------------------------------------------------------------------------
+# Large screens: the capped / chunked paths (issue 10, item 4)
+# ---------------------------------------------------------------------------------------------
+
+
+def mid_size_screen(n=3000, n_features=16, seed=0):
+    """n profiles: 20 % controls, ~10 replicates per treatment, 6 MoAs, 5 batches; signal weak enough that no score is
+    at its floor or ceiling (so a sampled estimate has room to be wrong)."""
+    rng = np.random.default_rng(seed)
+    n_treatments = n // 10
+    moa_of = rng.integers(0, 6, n_treatments)
+    treatment = rng.integers(0, n_treatments, n)
+    control = rng.random(n) < 0.2
+    batch = rng.integers(0, 5, n)
+    x = rng.normal(size=(n, n_features)) + 0.4 * rng.normal(size=(5, n_features))[batch]
+    x[~control] += 0.5 * rng.normal(size=(6, n_features))[moa_of[treatment[~control]]]
+    x[~control] += 0.5 * rng.normal(size=(n_treatments, n_features))[treatment[~control]]
+    meta = pd.DataFrame({
+        "Metadata_Treatment": np.where(control, "DMSO", np.char.add("T", treatment.astype(str))),
+        "Metadata_Compound": np.where(control, "DMSO", np.char.add("C", (treatment // 2).astype(str))),
+        "Metadata_moa": np.where(control, "control", np.char.add("M", moa_of[treatment].astype(str))),
+        "Metadata_Batch": np.char.add("B", batch.astype(str)),
+        "Metadata_is_control": control,
+    })
+    return x, meta
+
+
+@pytest.fixture
+def capped(monkeypatch):
+    """Caps far below the 3,000-profile screen: every sampled / chunked path runs."""
+    import cdcl_hf.metrics as metrics
+
+    def apply():
+        monkeypatch.setattr(metrics, "MAX_SCORED_PROFILES", 1000)
+        monkeypatch.setattr(metrics, "MAX_CLASSIFIED_PROFILES", 1000)
+        monkeypatch.setattr(metrics, "MAX_COPAIRS_PAIRS", 0)
+
+    return apply
+
+
+def test_sampled_scores_are_close_to_the_full_computation(capped):
+    # 1,000 of 3,000 profiles: a share's standard error is at most 0.5 / sqrt(1000) x sqrt(1 - 1/3) = 0.013, so the
+    # share-type scores (kBET acceptance, kNN accuracy) and the iLISI median get 0.04 (3 standard errors); a
+    # silhouette varies less from profile to profile (per-profile sd ~0.1 here: standard error ~0.003), 0.01. The
+    # classifier trains on a third of the data, which costs it some accuracy: 0.05. Observed on this screen:
+    # |difference| <= 0.005 everywhere but the classifier (0.028).
+    x, meta = mid_size_screen()
+    batches, moas = meta["Metadata_Batch"].to_numpy(), meta["Metadata_moa"].to_numpy()
+    treated = ~meta["Metadata_is_control"].to_numpy()
+
+    def scores():
+        return {
+            "silhouette_batch": silhouette(x, batches),
+            "silhouette_moa": silhouette(x[treated], moas[treated]),
+            "silhouette_batch_scib": silhouette_batch_scib(x, batches, np.where(treated, "treated", "control")),
+            "kbet": kbet_acceptance_rate(x, batches),
+            "ilisi": ilisi(x, batches),
+            "knn": knn_identification(x[treated], meta["Metadata_Treatment"].to_numpy()[treated], batches[treated]),
+            "batch_classification": batch_classification_accuracy(x, batches),
+        }
+
+    full = scores()
+    capped()
+    sampled, again = scores(), scores()
+    tolerance = {"silhouette_batch": 0.01, "silhouette_moa": 0.01, "silhouette_batch_scib": 0.01, "kbet": 0.04,
+                 "ilisi": 0.04, "knn": 0.04, "batch_classification": 0.05}
+    for name, result in sampled.items():
+        assert result.value == again[name].value, f"{name}: the sample is not deterministic"
+        assert abs(result.value - full[name].value) <= tolerance[name], (name, result.value, full[name].value)
+        assert "n_scored" not in full[name].details and "labels_subsampled" not in full[name].details
+    for name in ("silhouette_batch", "silhouette_moa", "kbet", "ilisi", "knn", "batch_classification"):
+        details = sampled[name].details
+        assert details["n_scored"] <= 1000 + 10 and details["subsampled_from"] > details["n_scored"], name
+    # ~2,400 treated profiles are sampled, ~600 controls are not.
+    assert set(sampled["silhouette_batch_scib"].details["labels_subsampled"]) == {"treated"}
+    # kBET / kNN do not flatter themselves on a separated screen either.
+    assert full["kbet"].value < 0.9 and full["knn"].value < 0.9
+
+
+def test_chunked_average_precision_equals_copairs(capped):
+    # mAP's chunked implementation is copairs' definition: every query's AP, the mAP and the null's p-values agree.
+    x, meta = mid_size_screen(n=1500)
+    per_treatment = aggregate_profiles(
+        pd.concat([meta, pd.DataFrame(x, columns=[f"f{i}" for i in range(x.shape[1])])], axis=1)[~meta.Metadata_is_control],
+        by=["Metadata_Treatment"], method="median")
+    treatment_x = per_treatment.filter(regex="^f").to_numpy()
+    runs = {
+        "replicate_controls": lambda: replicate_retrieval_map(x, meta, null_size=200),
+        "replicate_others": lambda: replicate_retrieval_map(x, meta, negatives="others", null_size=200),
+        "moa": lambda: moa_retrieval_map(treatment_x, per_treatment, null_size=200),
+    }
+    full = {name: run() for name, run in runs.items()}
+    capped()
+    chunked = {name: run() for name, run in runs.items()}
+    for name in runs:
+        a, b = full[name], chunked[name]
+        assert a.details["average_precision_by"] == "copairs"
+        assert b.details["average_precision_by"].startswith("chunked"), name
+        assert 0.05 < a.value < 0.95, (name, a.value)  # not a trivial ranking
+        assert b.value == pytest.approx(a.value, abs=1e-9), name
+        assert b.details["fraction_retrieved"] == a.details["fraction_retrieved"], name
+        assert b.details["chance"] == pytest.approx(a.details["chance"], abs=1e-12)
+        assert b.details["n_query_profiles"] == a.details["n_query_profiles"] and b.n == a.n
+        for group, value in a.details["per_group"].items():
+            assert b.details["per_group"][group] == pytest.approx(value, abs=1e-9), (name, group)
+
+
+def test_small_inputs_keep_the_previous_definitions():
+    # Below every cap the rewritten code paths give what the previous code gave (written out here as it was).
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import silhouette_samples, silhouette_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.neighbors import NearestNeighbors
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x, meta = mid_size_screen(n=600)
+    batches, moas = meta["Metadata_Batch"].to_numpy(), meta["Metadata_moa"].to_numpy()
+    # Silhouettes: scikit-learn's, to 1e-12.
+    assert silhouette(x, batches).value == pytest.approx(silhouette_score(x, batches, metric="cosine"), abs=1e-12)
+    assert "n_scored" not in silhouette(x, batches).details
+    per_label = [np.mean(1 - np.abs(silhouette_samples(x[moas == m], batches[moas == m], metric="cosine")))
+                 for m in pd.unique(moas)]
+    assert silhouette_batch_scib(x, batches, moas).value == pytest.approx(np.mean(per_label), abs=1e-12)
+    # kNN identification: the per-query pandas vote it replaced, exactly.
+    treatments, treated = meta["Metadata_Treatment"].to_numpy(), ~meta["Metadata_is_control"].to_numpy()
+    correct = scored = 0
+    for held_out in pd.unique(batches[treated]):
+        query = treated & (batches == held_out)
+        reference = treated & (batches != held_out)
+        distances, rows = NearestNeighbors(n_neighbors=10, metric="cosine").fit(x[reference]).kneighbors(x[query])
+        for label, row, weight in zip(treatments[query], rows, np.exp((1 - distances) / 0.1), strict=True):
+            votes = pd.Series(weight).groupby(treatments[reference][row], sort=False).sum()
+            correct += int(votes.idxmax() == label)
+            scored += 1
+    knn = knn_identification(x[treated], treatments[treated], batches[treated])
+    assert (knn.details["n_correct"], knn.n) == (correct, scored)
+    # kBET: the per-row bincount it replaced.
+    k = 10
+    _, rows = NearestNeighbors(n_neighbors=k, metric="cosine").fit(x).kneighbors(x)
+    names, index = np.unique(batches, return_inverse=True)
+    observed = np.stack([np.bincount(index[r], minlength=len(names)) for r in rows])
+    from scipy.stats import chisquare
+
+    expected = (np.bincount(index) / len(index))[None, :] * k
+    assert kbet_acceptance_rate(x, batches, k=k).value == (chisquare(observed, f_exp=expected, axis=1).pvalue >= 0.05).mean()
+    # Batch classification: the same pipeline, threads limited or not, the same accuracy.
+    folds = StratifiedKFold(5, shuffle=True, random_state=0)
+    reference = cross_val_score(make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)), x, batches, cv=folds)
+    result = batch_classification_accuracy(x, batches)
+    assert result.value == pytest.approx(reference.mean(), abs=1e-12) and "n_scored" not in result.details
+    # NSCB's "shares no batch" matrix: the set comparison it replaced.
+    embeddings, metadata = six_treatments()
+    metadata["Metadata_Batch"] = [("W1", "W2"), "W1", "W2", ("W2", "W3"), "W3", "W1"]
+    sets = [frozenset([b]) if isinstance(b, str) else frozenset(b) for b in metadata["Metadata_Batch"]]
+    similarity = embeddings @ embeddings.T  # unit vectors: cosine
+    compounds, moa_of = metadata["Metadata_Compound"].to_numpy(), metadata["Metadata_moa"].to_numpy()
+    correct = scored = 0
+    for q in range(len(sets)):
+        candidates = [c for c in range(len(sets)) if compounds[c] != compounds[q] and sets[q].isdisjoint(sets[c])]
+        if any(moa_of[c] == moa_of[q] for c in candidates):
+            correct += int(moa_of[max(candidates, key=lambda c: similarity[q, c])] == moa_of[q])
+            scored += 1
+    nscb = nsc_nscb_accuracy(embeddings, metadata)["nscb"]
+    assert (nscb.details["n_correct"], nscb.n) == (correct, scored) and scored >= 3
+
+
+def test_stratified_sample_keeps_every_stratum_and_its_share():
+    from cdcl_hf.metrics import _stratified_sample
+
+    strata = np.array(["a"] * 5000 + ["b"] * 4997 + ["c"] * 3)
+    sample = _stratified_sample(strata, 1000, seed=0)
+    assert _stratified_sample(strata, 20000) is None
+    assert np.array_equal(sample, _stratified_sample(strata, 1000, seed=0)) and np.all(np.diff(sample) > 0)
+    counts = pd.Series(strata[sample]).value_counts()
+    assert counts["a"] == 500 and counts["b"] == 500 and counts["c"] == 2
