@@ -11,6 +11,7 @@ Protocol (so that the preset is not tuned on what `bench_methods_bbbc021.py` sco
   (well profiles, median aggregation, no correction, batch = week); the preset is the variant with the best mean
   NSCB (NSC breaking ties) among those whose teacher did not drift to uniform.
 Results: benchmarks/results/tuning_bbbc021_crops.json / .md (each run appended; re-running a variant replaces it).
+`--markdown_only` rewrites the .md from the .json.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from bench_methods_bbbc021 import CHANNEL_NAMES, SHARED, collect_metrics, file_s
 from bench_methods_synthetic import display, log, mean_std, run_command, training_health  # noqa: E402
 from common import machine  # noqa: E402
 
-BASE_PRESET = ROOT / "training" / "configs" / "bbbc021_crops.yaml"
+BASE_PRESET = HERE / "configs" / "bbbc021_crops_tuning_base.yaml"
 # Each variant = the flags given on top of --base_preset. Kept as the record of what was tried.
 VARIANTS: dict[str, list[str]] = {
     "base": [],
@@ -48,6 +49,11 @@ VARIANTS: dict[str, list[str]] = {
     "lr2e-3": ["--learning_rate", "2e-3"],
     "epochs100": ["--num_train_epochs", "100"],
     "epochs100_momentum": ["--num_train_epochs", "100", "--momentum_teacher", "0.99", "--momentum_teacher_end", "0.999"],
+    "epochs45_batch64": ["--num_train_epochs", "45", "--per_device_train_batch_size", "64"],
+    "epochs45_off_diagonal08": ["--num_train_epochs", "45", "--off_diagonal_weight", "0.8"],
+    "epochs45_local6": ["--num_train_epochs", "45", "--num_local_crops", "6"],
+    "epochs45_off_diagonal025": ["--num_train_epochs", "45", "--off_diagonal_weight", "0.25"],
+    "epochs45_off_diagonal01": ["--num_train_epochs", "45", "--off_diagonal_weight", "0.1"],
 }
 SCORED = ("nsc", "nscb", "replicate_map", "moa_map", "batch_classification_controls", "ilisi_controls")
 
@@ -56,6 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["base"])
     parser.add_argument("--list", action="store_true")
+    parser.add_argument("--markdown_only", action="store_true", help="rewrite OUTPUT.md from OUTPUT.json and stop")
     parser.add_argument("--methods", nargs="+", default=["cdcl"], choices=["cdcl", "dino", "dino-cb"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[100, 101])
     parser.add_argument("--tune_batches", nargs="+", default=[f"Week{i}" for i in range(1, 6)])
@@ -124,8 +131,8 @@ def markdown(result: dict) -> str:
              f"({result['screen']['num_plates']} plates, {result['screen']['num_treatments']} treatments). Machine: "
              f"{result['machine']['cpu']}, {result['machine']['cores_usable']} cores. Values: mean ± sd over the "
              "tuning seeds.", "",
-             "| variant | method | flags | " + " | ".join(SCORED) + " | teacher entropy ratio | train s |",
-             "|---|---|---|" + "---|" * (len(SCORED) + 2)]
+             "| variant | method | flags | seeds | " + " | ".join(SCORED) + " | teacher entropy ratio | train s |",
+             "|---|---|---|---|" + "---|" * (len(SCORED) + 2)]
     groups: dict[tuple[str, str], list[dict]] = {}
     for record in result["runs"]:
         groups.setdefault((record["variant"], record["method"]), []).append(record)
@@ -136,13 +143,18 @@ def markdown(result: dict) -> str:
             cells.append("n/d" if stats["mean"] is None else f"{stats['mean']:.3f} ± {stats['std']:.3f}")
         entropy = mean_std([r["final_teacher_entropy_ratio"] for r in records])
         wall = mean_std([r["train_wall_s"] for r in records])
-        lines.append(f"| {variant} | {method} | `{' '.join(records[0]['flags']) or '(preset)'}` | " + " | ".join(cells)
+        seeds = ", ".join(str(r["seed"]) for r in sorted(records, key=lambda r: r["seed"]))
+        lines.append(f"| {variant} | {method} | `{' '.join(records[0]['flags']) or '(preset)'}` | {seeds} | "
+                     + " | ".join(cells)
                      + f" | {entropy['mean']:.3f} | {wall['mean']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.markdown_only:
+        args.output.with_suffix(".md").write_text(markdown(json.loads(args.output.with_suffix(".json").read_text())))
+        return
     if args.list:
         for name, flags in VARIANTS.items():
             print(f"{name}: {shlex.join(flags)}")
