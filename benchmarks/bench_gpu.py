@@ -200,7 +200,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes; runs on the CPU (fp32) without a GPU")
     parser.add_argument("--out", default=str(RESULTS_DIR / "gpu.json"))
-    parser.add_argument("--workers", type=int, default=8, help="data-loader workers for the with_loader step")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="data-loader workers for the with_loader step (default 8 on a GPU, 2 on the CPU)")
     parser.add_argument("--only", choices=("inference", "training_step"), default=None)
     args = parser.parse_args(argv)
     if torch.cuda.is_available():
@@ -209,6 +210,8 @@ def main(argv: list[str] | None = None) -> None:
         device, dtype, mixed_precision = torch.device("cpu"), torch.float32, "no"
     else:
         parser.error("no CUDA device: this benchmark measures a GPU (use --quick for a CPU smoke run)")
+    if args.workers is None:
+        args.workers = 8 if device.type == "cuda" else 2
     torch.manual_seed(0)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

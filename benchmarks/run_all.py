@@ -1,6 +1,7 @@
 """Run every benchmark, each in its own process, and write its JSON into one folder; then print the tables.
 
-    python benchmarks/run_all.py                      # full runs into benchmarks/results/ (tens of minutes on 2 cores)
+    python benchmarks/run_all.py                      # full runs into benchmarks/results/ (tens of minutes on 2 cores;
+                                                      # bench_gpu only where a CUDA device is present)
     python benchmarks/run_all.py --quick --out_dir /tmp/bench   # smoke run (a few minutes), as tests/test_benchmarks.py
 
 Each benchmark is `benchmarks/bench_<name>.py --out <out_dir>/<name>.json [--quick]`; a failing one fails the run
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
-BENCHMARKS = ("inference", "training_step", "data_path", "pairing")
+BENCHMARKS = ("inference", "training_step", "data_path", "pairing", "gpu")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     failed = []
     for name in names:
+        if name == "gpu" and not args.quick and not _cuda_available():
+            print("== gpu: skipped (no CUDA device; `--quick` runs its smoke test on the CPU)", flush=True)
+            continue
         command = [sys.executable, str(HERE / f"bench_{name}.py"), "--out", str(args.out_dir / f"{name}.json")]
         if args.quick:
             command.append("--quick")
@@ -48,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":

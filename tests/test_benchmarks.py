@@ -30,7 +30,7 @@ def test_run_all_quick_writes_well_formed_results(tmp_path):
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     written = {p.stem for p in tmp_path.glob("*.json")}
-    assert written == {"inference", "training_step", "data_path", "pairing"}, written
+    assert written == {"inference", "training_step", "data_path", "pairing", "gpu"}, written
 
     inference = json.loads((tmp_path / "inference.json").read_text())
     _check_machine(inference)
@@ -75,6 +75,16 @@ def test_run_all_quick_writes_well_formed_results(tmp_path):
     evaluation = pairing["evaluation"]["results"]
     assert evaluation and "failed" not in evaluation[0], evaluation
     assert evaluation[0]["seconds"]["total"] > 0 and "nsc_nscb_accuracy" in evaluation[0]["seconds"]
+
+    # Without a GPU, bench_gpu --quick runs the same code on the CPU (fp32): a smoke test of the script.
+    gpu = json.loads((tmp_path / "gpu.json").read_text())
+    assert gpu["quick"] is True and "inference_error" not in gpu and "training_step_error" not in gpu
+    for point in gpu["inference"]["points"]:
+        assert set(point["models"]) == {"cdcl", "vit", "dinov2"} and _is_spread(point["speedup_vs_faster_baseline"])
+    for mode in ("with_loader", "compute"):
+        block = gpu["training_step"][mode]
+        assert _is_spread(block["cdcl_over_dino_time"]) and block["cdcl"]["flops_per_step"] > 0
+    assert gpu["matmul_peak"]["best_flops"] > 0
 
     # The README tables are generated from these files.
     assert "| attention |" in done.stdout and "CDCL ÷ DINO" in done.stdout and "| screen |" in done.stdout
