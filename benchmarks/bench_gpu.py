@@ -203,6 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=None,
                         help="data-loader workers for the with_loader step (default 8 on a GPU, 2 on the CPU)")
     parser.add_argument("--only", choices=("inference", "training_step"), default=None)
+    parser.add_argument("--step_batch_size", type=int, default=32, help="per-GPU batch of the training step")
+    parser.add_argument("--step_images", type=int, default=96, help="images of the training step's synthetic screen")
     args = parser.parse_args(argv)
     if torch.cuda.is_available():
         device, dtype, mixed_precision = torch.device("cuda"), torch.bfloat16, "bf16"
@@ -238,7 +240,8 @@ def main(argv: list[str] | None = None) -> None:
             from cdcl_hf.synthetic_screen import config_for_num_images, synthetic_screen_dataset
 
             # One screen on disk for both methods (the synthetic renderer takes ~0.3 s per 224 px image).
-            num_images, image_size, batch_size = (64, 32, 8) if args.quick else (96, 224, 32)
+            num_images, image_size, batch_size = ((64, 32, 8) if args.quick
+                                                  else (args.step_images, 224, args.step_batch_size))
             screen = Path(tmp) / "screen"
             synthetic_screen_dataset(config_for_num_images(num_images, image_size=image_size, num_channels=5,
                                                            seed=0)).save_to_disk(str(screen))
