@@ -241,9 +241,14 @@ def bbbc021_quality_table(result: dict | None) -> str:
                   f"({', '.join(weeks)}: the half of the screen the preset's tuning never saw):", "",
                   "| method | " + " | ".join(title for _, title in columns) + " |", "|---|" + "---|" * len(columns)]
         for method, label in BBBC021_ROWS:
-            if method in block:
-                lines.append(f"| {label} | " + " | ".join(_mean_sd(block[method].get(name)) for name, _ in columns)
-                             + " |")
+            if method not in block:
+                continue
+            cells = []
+            for name, _ in columns:
+                flags = [e["metrics"][name].get("informative", True) for r in result["runs"] if r["method"] == method
+                         for e in r["evaluations"] if e.get("summary_key") == heldout and name in e["metrics"]]
+                cells.append(_mean_sd(block[method].get(name), all(flags)))
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
