@@ -105,6 +105,12 @@ def train(args) -> None:
             publish_model(args.output_dir, args.hub_model_id, private=args.hub_private_repo, token=args.hub_token,
                           export_format=args.hub_export_format)
     accelerator.wait_for_everyone()
+    # The DDP wrapper's Reducer holds the process group, and freeing the Reducer keeps the GIL while Gloo's worker
+    # threads may still need it to release the last collective's tensors (a teardown deadlock seen with 2 CPU
+    # processes under load). Free the model while the group is still registered, so that the group itself is destroyed
+    # by `end_training` (torch's process-group binding lets go of the GIL there).
+    del student, optimizer, dataloader
+    accelerator.free_memory()
     accelerator.end_training()
 
 
