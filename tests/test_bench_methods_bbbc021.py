@@ -125,7 +125,7 @@ def test_quick_run_scores_the_held_out_weeks_alone(quick_run):
         (half,) = [e for e in run["evaluations"] if e["summary_key"] == "none, held-out weeks"]
         assert 0 < half["metrics"]["nsc"]["n"] < whole["metrics"]["nsc"]["n"], run["method"]
         value = half["metrics"]["nsc"]["value"]
-        assert held_out[run["method"]]["nsc"]["per_seed"][0] == value
+        assert held_out[run["method"]]["nsc"]["per_seed"]["0"] == value  # JSON keys are strings
     assert "held-out weeks only (Week6, Week7, Week8, Week9, Week10" in md
 
 
