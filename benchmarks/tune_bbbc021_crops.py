@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -55,6 +57,20 @@ VARIANTS: dict[str, list[str]] = {
     "epochs45_off_diagonal025": ["--num_train_epochs", "45", "--off_diagonal_weight", "0.25"],
     "epochs45_off_diagonal01": ["--num_train_epochs", "45", "--off_diagonal_weight", "0.1"],
 }
+# Compute a CPU cannot afford (run with --jobs 4 on a GPU machine): does NSCB keep rising with epochs and width?
+# The crops model as in the preset, 15 epochs (the CPU's `crops_model`, to check that the GPU run agrees), then
+# longer, wider (ViT-S width and depth at 8-px patches), and a sharper teacher against the near-uniform teacher.
+GPU_FLAGS = ["--dataloader_num_workers", "3"]
+VARIANTS.update({
+    "gpu_crops_model": ["--model_preset", "vit-crops-patch8", *GPU_FLAGS],
+    "gpu_crops_epochs60": ["--model_preset", "vit-crops-patch8", "--num_train_epochs", "60", *GPU_FLAGS],
+    "gpu_crops_epochs200": ["--model_preset", "vit-crops-patch8", "--num_train_epochs", "200", *GPU_FLAGS],
+    "gpu_small_epochs60": ["--model_preset", "vit-small-crops-patch8", "--num_train_epochs", "60", *GPU_FLAGS],
+    "gpu_crops_epochs60_teacher_temp02": ["--model_preset", "vit-crops-patch8", "--num_train_epochs", "60",
+                                          "--teacher_temp", "0.02", "--warmup_teacher_temp", "0.02", *GPU_FLAGS],
+    "gpu_crops_epochs60_local_crop48": ["--model_preset", "vit-crops-patch8", "--num_train_epochs", "60",
+                                        "--local_crop_size", "48", "--local_crop_scale", "0.4", "0.7", *GPU_FLAGS],
+})
 SCORED = ("nsc", "nscb", "replicate_map", "moa_map", "batch_classification_controls", "ilisi_controls")
 
 
@@ -118,21 +134,30 @@ def run_variant(args, screen: str, variant: str, method: str, seed: int, threads
               "metrics": {k: metrics[k]["value"] for k in SCORED if k in metrics},
               "final_teacher_entropy_ratio": health.get("final_teacher_entropy_ratio"),
               "final_teacher_kl_to_uniform": health.get("final_teacher_kl_to_uniform"),
-              "final_step": health["final_step"], "commands": [display(train), display(evaluate)]}
+              "final_step": health["final_step"], "machine": run_machine(),
+              "commands": [display(train), display(evaluate)]}
     log(f"{variant} {method} seed {seed}: NSC {record['metrics'].get('nsc', float('nan')):.3f} NSCB "
         f"{record['metrics'].get('nscb', float('nan')):.3f} entropy ratio "
         f"{record['final_teacher_entropy_ratio'] or float('nan'):.3f} ({train_wall:.0f} s)")
     return record
 
 
+def run_machine() -> str:
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    where = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    return f"{where}, {cores} cores"
+
+
 def markdown(result: dict) -> str:
     lines = ["# Tuning the BBBC021-crops preset (tuning half only)", "", result["protocol"], "",
              f"Tuning screen: {result['screen']['num_images']} crops of {', '.join(result['screen']['batches'])} "
-             f"({result['screen']['num_plates']} plates, {result['screen']['num_treatments']} treatments). Machine: "
-             f"{result['machine']['cpu']}, {result['machine']['cores_usable']} cores. Values: mean ± sd over the "
-             "tuning seeds.", "",
-             "| variant | method | flags | seeds | " + " | ".join(SCORED) + " | teacher entropy ratio | train s |",
-             "|---|---|---|---|" + "---|" * (len(SCORED) + 2)]
+             f"({result['screen']['num_plates']} plates, {result['screen']['num_treatments']} treatments). Machine of "
+             "each variant in the last column (CPU runs: AMD EPYC, 2 cores). Values: mean ± sd over the tuning seeds.",
+             "",
+             "| variant | method | flags | seeds | " + " | ".join(SCORED) + " | teacher entropy ratio | train s | machine |",
+             "|---|---|---|---|" + "---|" * (len(SCORED) + 3)]
     groups: dict[tuple[str, str], list[dict]] = {}
     for record in result["runs"]:
         groups.setdefault((record["variant"], record["method"]), []).append(record)
@@ -146,7 +171,7 @@ def markdown(result: dict) -> str:
         seeds = ", ".join(str(r["seed"]) for r in sorted(records, key=lambda r: r["seed"]))
         lines.append(f"| {variant} | {method} | `{' '.join(records[0]['flags']) or '(preset)'}` | {seeds} | "
                      + " | ".join(cells)
-                     + f" | {entropy['mean']:.3f} | {wall['mean']:.0f} |")
+                     + f" | {entropy['mean']:.3f} | {wall['mean']:.0f} | {records[0].get('machine', 'CPU, 2 cores')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -165,23 +190,42 @@ def main(argv=None) -> None:
     args.work_dir = args.work_dir.resolve()
     started = time.perf_counter()
     screen = build_tuning_screen(args)
-    threads = max(1, 2 // max(args.jobs, 1))
+    threads = max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2) // max(args.jobs, 1))
     tasks = [(v, m, s) for v in args.configs for m in args.methods for s in args.seeds]
-    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        records = list(pool.map(lambda t: run_variant(args, screen["path"], *t, threads), tasks))
     json_path = args.output.with_suffix(".json")
-    previous = json.loads(json_path.read_text())["runs"] if json_path.is_file() else []
-    done = {(r["variant"], r["method"], r["seed"]) for r in records}
-    runs = [r for r in previous if (r["variant"], r["method"], r["seed"]) not in done] + records
+    runs = json.loads(json_path.read_text())["runs"] if json_path.is_file() else []
+    lock = threading.Lock()
+
+    def run_and_record(task):
+        # Each finished run is written at once (a GPU lease can end mid-sweep); a failed run is logged, not fatal.
+        try:
+            record = run_variant(args, screen["path"], *task, threads)
+        except RuntimeError as error:
+            log(f"{' '.join(map(str, task))}: FAILED: {str(error).splitlines()[0]}")
+            return
+        with lock:
+            runs[:] = [r for r in runs if (r["variant"], r["method"], r["seed"]) != task] + [record]
+            write_results(args, screen, runs, time.perf_counter() - started)
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        list(pool.map(run_and_record, tasks))
+    log(f"wrote {json_path} ({len(tasks)} runs in {(time.perf_counter() - started) / 60:.1f} min)")
+
+
+def write_results(args, screen: dict, runs: list[dict], wall_s: float) -> None:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     result = {"benchmark": "tuning of training/configs/bbbc021_crops.yaml on the tuning half of the BBBC021 crops",
               "protocol": " ".join(line.strip() for line in __doc__.split("Protocol")[1].split("Results:")[0]
                                    .splitlines()[1:]).replace("- ", "• "),
-              "base_preset": args.base_preset.read_text(), "machine": machine(), "screen": screen,
-              "variants": VARIANTS, "runs": runs, "last_wall_s": round(time.perf_counter() - started, 1)}
+              "base_preset": args.base_preset.read_text(), "machine": {**machine(), "gpu": gpu}, "screen": screen,
+              "variants": VARIANTS, "runs": runs, "last_wall_s": round(wall_s, 1)}
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
-    args.output.with_suffix(".md").write_text(markdown(result))
-    log(f"wrote {json_path} ({len(records)} runs in {result['last_wall_s'] / 60:.1f} min)")
+    for suffix, text in ((".json", json.dumps(result, indent=2) + "\n"), (".md", markdown(result))):
+        staging = args.output.with_suffix(suffix + ".tmp")
+        staging.write_text(text)
+        staging.replace(args.output.with_suffix(suffix))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,15 @@ ARCHITECTURE_PRESETS = {
         "patch_size": 8,
         "image_size": 64,
     },
+    # The same crops on a GPU: DeiT-S's width, depth and heads with 8-px patches (64 tokens at 64 px).
+    "vit-small-crops-patch8": {
+        "hidden_size": 384,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 6,
+        "intermediate_size": 1536,
+        "patch_size": 8,
+        "image_size": 64,
+    },
     # For tests and CPU smoke runs.
     "tiny": {
         "hidden_size": 64,
@@ -165,8 +174,8 @@ class CDCLConfig(PretrainedConfig):
         Args:
             name (`str`):
                 One of the keys of `ARCHITECTURE_PRESETS`: `"vit-small-patch16"` (DeiT-S/16), `"vit-base-patch16"`
-                (ViT-B/16), `"vit-crops-patch8"` (DeiT-Ti width, 6 layers, 8-px patches: single-cell crops on CPUs)
-                or `"tiny"` (for tests and CPU smoke runs).
+                (ViT-B/16), `"vit-crops-patch8"` (DeiT-Ti width, 6 layers, 8-px patches: single-cell crops on CPUs),
+                `"vit-small-crops-patch8"` (DeiT-S width and depth, 8-px patches: the same crops on a GPU) or `"tiny"` (for tests and CPU smoke runs).
             overrides:
                 Any other `CDCLConfig` argument (e.g. `num_channels=5`, `drop_path_rate=0.1`); it takes precedence
                 over the preset.

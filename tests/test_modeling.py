@@ -62,7 +62,7 @@ class TestConfiguration:
         assert small.patch_size == 16 and small.num_channels == 5
         base = CDCLConfig.from_preset("vit-base-patch16")
         assert (base.hidden_size, base.num_hidden_layers, base.num_attention_heads) == (768, 12, 12)
-        assert set(ARCHITECTURE_PRESETS) == {"vit-small-patch16", "vit-base-patch16", "vit-crops-patch8", "tiny"}
+        assert set(ARCHITECTURE_PRESETS) == {"vit-small-patch16", "vit-base-patch16", "vit-crops-patch8", "vit-small-crops-patch8", "tiny"}
         with pytest.raises(ValueError, match="unknown preset"):
             CDCLConfig.from_preset("vit-huge")
 

@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_synthetic_screen_arguments(parser)
 
     model = parser.add_argument_group("model")
-    model.add_argument("--model_preset", default="tiny", help="tiny | vit-crops-patch8 | vit-small-patch16 | vit-base-patch16")
+    model.add_argument("--model_preset", default="tiny", help="tiny | vit-crops-patch8 | vit-small-crops-patch8 | vit-small-patch16 | vit-base-patch16")
     model.add_argument("--init_from_vit", default=None, help="3-channel ViT/DeiT/DINO checkpoint to start from")
     model.add_argument("--pooling", default="cls", choices=["cls", "mean", "cls+mean"])
     model.add_argument("--drop_path_rate", type=probability, default=0.1, help="student only")
