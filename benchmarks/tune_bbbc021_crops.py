@@ -59,17 +59,22 @@ VARIANTS: dict[str, list[str]] = {
 }
 # Compute a CPU cannot afford (run with --jobs 4 on a GPU machine): does NSCB keep rising with epochs and width?
 # The crops model as in the preset, 15 epochs (the CPU's `crops_model`, to check that the GPU run agrees), then
-# longer, wider (ViT-S width and depth at 8-px patches), and a sharper teacher against the near-uniform teacher.
+# longer, wider (ViT-S width and depth at 8-px patches); then, at the preset's 15 epochs, a sharper teacher (against
+# the near-uniform teacher), larger local crops, wider global crop scales and blur + noise augmentations.
 GPU_FLAGS = ["--dataloader_num_workers", "3"]
 VARIANTS.update({
     "gpu_crops_model": ["--model_preset", "vit-crops-patch8", *GPU_FLAGS],
     "gpu_crops_epochs60": ["--model_preset", "vit-crops-patch8", "--num_train_epochs", "60", *GPU_FLAGS],
     "gpu_crops_epochs200": ["--model_preset", "vit-crops-patch8", "--num_train_epochs", "200", *GPU_FLAGS],
     "gpu_small_epochs60": ["--model_preset", "vit-small-crops-patch8", "--num_train_epochs", "60", *GPU_FLAGS],
-    "gpu_crops_epochs60_teacher_temp02": ["--model_preset", "vit-crops-patch8", "--num_train_epochs", "60",
-                                          "--teacher_temp", "0.02", "--warmup_teacher_temp", "0.02", *GPU_FLAGS],
-    "gpu_crops_epochs60_local_crop48": ["--model_preset", "vit-crops-patch8", "--num_train_epochs", "60",
-                                        "--local_crop_size", "48", "--local_crop_scale", "0.4", "0.7", *GPU_FLAGS],
+    "gpu_crops_teacher_temp02": ["--model_preset", "vit-crops-patch8", "--teacher_temp", "0.02",
+                                 "--warmup_teacher_temp", "0.02", *GPU_FLAGS],
+    "gpu_crops_local_crop48": ["--model_preset", "vit-crops-patch8", "--local_crop_size", "48",
+                               "--local_crop_scale", "0.4", "0.7", *GPU_FLAGS],
+    "gpu_crops_global_scale05": ["--model_preset", "vit-crops-patch8", "--global_crop_scale", "0.5", "1.0",
+                                 *GPU_FLAGS],
+    "gpu_crops_blur_noise": ["--model_preset", "vit-crops-patch8", "--blur_prob", "0.5", "--noise_std", "0.1",
+                             *GPU_FLAGS],
 })
 SCORED = ("nsc", "nscb", "replicate_map", "moa_map", "batch_classification_controls", "ilisi_controls")
 
