@@ -92,9 +92,10 @@ class CDCLEmbeddings(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         batch_size, _, height, width = pixel_values.shape
-        patch_tokens = self.patch_embeddings(pixel_values)
-        cls_tokens = self.cls_token.expand(batch_size, -1, -1)
-        embeddings = torch.cat([cls_tokens, patch_tokens], dim=1)
+        # Each step rebinds `embeddings`, so the previous (batch, tokens, hidden) tensor is freed at once: at most two
+        # are alive, which keeps the peak activation memory of inference at ViTModel's.
+        embeddings = self.patch_embeddings(pixel_values)
+        embeddings = torch.cat([self.cls_token.expand(batch_size, -1, -1), embeddings], dim=1)
         embeddings = embeddings + self.interpolate_pos_encoding(height, width)
         return self.dropout(embeddings)
 
@@ -239,13 +240,15 @@ class CDCLLayer(GradientCheckpointingLayer):
     def forward(
         self, hidden_states: torch.Tensor, output_attentions: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attention_output, attention_weights = self.attention(
+        # The branch outputs are temporaries, not names: the attention output is freed before the MLP runs, so one
+        # fewer (batch, tokens, hidden) tensor is alive at the MLP's peak.
+        residual = hidden_states
+        hidden_states, attention_weights = self.attention(
             self.layernorm_before(hidden_states), output_attentions=output_attentions
         )
-        hidden_states = hidden_states + self.drop_path(self.dropout(attention_output))
-
-        mlp_output = self.mlp(self.layernorm_after(hidden_states))
-        hidden_states = hidden_states + self.drop_path(self.dropout(mlp_output))
+        hidden_states = residual + self.drop_path(self.dropout(hidden_states))
+        del residual
+        hidden_states = hidden_states + self.drop_path(self.dropout(self.mlp(self.layernorm_after(hidden_states))))
         return hidden_states, attention_weights
 
 
@@ -352,7 +355,9 @@ class CDCLModel(CDCLPreTrainedModel):
                 f"image size {height}x{width} is not divisible by the patch size {patch_size}; "
                 "resize or crop to a multiple of it (the image processor does this)"
             )
-        pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
+        weight_dtype = self.embeddings.patch_embeddings.projection.weight.dtype
+        if pixel_values.dtype != weight_dtype:
+            pixel_values = pixel_values.to(weight_dtype)
 
         hidden_states = self.embeddings(pixel_values)
         all_hidden_states = (hidden_states,) if output_hidden_states else None
