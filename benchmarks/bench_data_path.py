@@ -5,7 +5,9 @@ Two screens, each saved with the package's builder (`save_to_disk`, 2 shards so 
 - a few synthetic 1024x1280x5 uint16 fields (smooth background + blobs + shot noise) via `dataset_from_arrays`.
 Each is read map-style (`load_screen`, shuffled) and streamed (`load_screen(streaming=True)`), with 0 and 2
 DataLoader workers; per item the worker does `decode_image` (PNG planes -> uint16 array -> float tensor) and, in the
-`+views` rows, the multi-crop views `cdcl-train` cuts with its default settings. A pass's time
+`decode+views` rows, the multi-crop views `cdcl-train` cuts with its default settings. The `decode+batched views` rows
+are `cdcl-train --batched_views`: the workers decode and collate batches of 32, and the main process cuts the same views
+for the whole batch at once (`MultiCropAugmentation.crop_batch`), as the training loop does. A pass's time
 counts from the first item asked for to the last received; workers are persistent and the timed passes follow an
 untimed one, so worker start-up is left out (it is reported on its own). Candidates run round-robin, `repeats`
 times; images/s median and spread.
@@ -60,6 +62,30 @@ class _DecodeViews:
         return out["global_crops"].shape[0]
 
 
+class _DecodeBatch:
+    """Picklable per-batch work in the workers for batched views: decode each item, stack them."""
+
+    def __call__(self, rows):
+        return torch.stack([_decode(row) for row in rows])
+
+
+class _BatchedViews:
+    """The main process's work per batch with `--batched_views`: the views of the whole batch at once."""
+
+    def __init__(self):
+        from cdcl_hf.training.arguments import parse_args
+        from cdcl_hf.training.data import _multicrop_augmentation
+
+        self.augmentation = _multicrop_augmentation(parse_args([]))
+
+    def __call__(self, images):
+        out = self.augmentation.crop_batch(images, generator=torch.Generator().manual_seed(0))
+        return out["global_crops"].shape[0]
+
+
+BATCHED_VIEWS_BATCH = 32  # as cdcl-train's default --per_device_train_batch_size
+
+
 def _synthetic_fields(count: int, height: int, width: int, channels: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
@@ -101,30 +127,41 @@ def _build_crops_screen(folder: Path, limit: int | None) -> Path:
     return folder
 
 
-def _loader(folder: Path, streamed: bool, workers: int, views: bool, limit: int | None):
+def _loader(folder: Path, streamed: bool, workers: int, work: str, limit: int | None):
     from cdcl_hf.screen_data import load_screen
 
     screen = load_screen(str(folder), streaming=streamed)
     if not streamed and limit is not None:
         screen = screen.select(range(min(limit, len(screen))))
-    work = _DecodeViews(views)
     sampler = None if streamed else torch.utils.data.RandomSampler(screen, generator=torch.Generator().manual_seed(0))
+    if work == "decode+batched views":
+        return torch.utils.data.DataLoader(screen, batch_size=BATCHED_VIEWS_BATCH, sampler=sampler, num_workers=workers,
+                                           collate_fn=_DecodeBatch(), persistent_workers=workers > 0)
     return torch.utils.data.DataLoader(screen, batch_size=None, sampler=sampler, num_workers=workers,
-                                       collate_fn=work, persistent_workers=workers > 0)
+                                       collate_fn=_DecodeViews(work == "decode+views"), persistent_workers=workers > 0)
+
+
+def _pass(loader, views: _BatchedViews | None) -> int:
+    """Items through one pass of `loader`, with the main process's batched `views` when given."""
+    if views is not None:
+        return sum(views(images) for images in loader)
+    return sum(1 for _ in loader)
 
 
 def bench_throughput(name: str, folder: Path, repeats: int, views_too: bool, limit: int | None) -> list[dict]:
     candidates, loaders, startup = {}, {}, {}
+    works = ("decode", "decode+views", "decode+batched views") if views_too else ("decode",)
     for streamed in (False, True):
         for workers in (0, 2):
-            for views in ((False, True) if views_too else (False,)):
-                key = f"{'streamed' if streamed else 'map'}/w{workers}/{'decode+views' if views else 'decode'}"
-                loader = _loader(folder, streamed, workers, views, limit)
+            for work in works:
+                key = f"{'streamed' if streamed else 'map'}/w{workers}/{work}"
+                loader = _loader(folder, streamed, workers, work, limit)
+                views = _BatchedViews() if work == "decode+batched views" else None
                 start = time.perf_counter()
-                count = sum(1 for _ in loader)  # untimed pass: starts the workers, warms the page cache
+                count = _pass(loader, views)  # untimed pass: starts the workers, warms the page cache
                 startup[key] = time.perf_counter() - start
                 loaders[key] = (loader, count)
-                candidates[key] = (lambda loader=loader: sum(1 for _ in loader))
+                candidates[key] = (lambda loader=loader, views=views: _pass(loader, views))
     times = interleaved(candidates, repeats=repeats, warmup=0)
     rows = []
     for key, (_unused, count) in loaders.items():

@@ -64,6 +64,10 @@ def test_run_all_quick_writes_well_formed_results(tmp_path):
     assert {(r["access"], r["workers"]) for r in rows} >= {("map", 0), ("map", 2), ("streamed", 0), ("streamed", 2)}
     for row in rows:
         assert row["items"] > 0 and _is_spread(row["images_per_s"])
+    if any(r["screen"].startswith("crops") for r in rows):  # the real crops (../shared/data) were found
+        crops = {(r["access"], r["workers"], r["work"]) for r in rows if r["screen"].startswith("crops")}
+        works = ("decode", "decode+views", "decode+batched views")  # per-item views vs cdcl-train --batched_views
+        assert crops == {(a, w, k) for a in ("map", "streamed") for w in (0, 2) for k in works}, crops
     kinds = {r["storage"] for r in data_path["storage"]}
     assert kinds == {"png0", "png1", "png3", "png6", "png9", "raw"}
     raw = [r for r in data_path["storage"] if r["storage"] == "raw"]

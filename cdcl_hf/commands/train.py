@@ -85,7 +85,8 @@ def train(args) -> None:
     )
 
     global_step = train_loop(
-        accelerator, args, student, teacher, objective, optimizer, dataloader, schedules, position, data.channel_names
+        accelerator, args, student, teacher, objective, optimizer, dataloader, schedules, position, data.channel_names,
+        batched_views=data.augmentation if args.batched_views else None,
     )
     fingerprints = verify_replicas_agree(accelerator, student, teacher)
     finished = global_step >= schedules.max_train_steps

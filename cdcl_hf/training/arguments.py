@@ -23,6 +23,7 @@ from ..stock_export import EXPORT_FORMATS
 from ..synthetic_screen import add_synthetic_screen_arguments
 
 __all__ = [
+    "LATER_SETTINGS_DEFAULTS",
     "RESUME_FREE_SETTINGS",
     "SECRET_ARGUMENTS",
     "build_parser",
@@ -57,6 +58,10 @@ RESUME_FREE_SETTINGS = (
 
 # Never written to training_args.json, trackers, logs or pushed files.
 SECRET_ARGUMENTS = ("hub_token",)
+
+# Settings added after runs were already stored, with the value every earlier run had: a run stored without one of
+# them is compared as if it had stored that value, so it can still be resumed.
+LATER_SETTINGS_DEFAULTS = {"batched_views": False}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     views.add_argument("--offset_std", type=non_negative_float, default=0.1)
     views.add_argument("--blur_prob", type=probability, default=0.0)
     views.add_argument("--noise_std", type=non_negative_float, default=0.0)
+    views.add_argument(
+        "--batched_views", action="store_true",
+        help="cut the views per batch on the training device (one grid_sample per view size) instead of per item in "
+        "the data-loader workers: for GPU training or CPU-bound loaders. Views differ numerically (see docs)",
+    )
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--num_train_epochs", type=positive_int, default=4)
@@ -214,4 +224,5 @@ def serializable_arguments(args: argparse.Namespace) -> dict[str, Any]:
 def changed_resume_settings(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """`"name: stored -> current"` for every setting a resume may not change (see `RESUME_FREE_SETTINGS`)."""
     names = sorted((set(stored) | set(current)) - set(RESUME_FREE_SETTINGS) - set(SECRET_ARGUMENTS))
+    stored = {**LATER_SETTINGS_DEFAULTS, **stored}
     return [f"{name}: {stored.get(name)!r} -> {current.get(name)!r}" for name in names if stored.get(name) != current.get(name)]

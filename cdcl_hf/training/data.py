@@ -12,13 +12,13 @@ from accelerate.logging import get_logger
 
 from ..image_io import decode_image
 from ..methods import get_method
-from ..multicrop import MultiCropAugmentation
+from ..multicrop import MultiCropAugmentation, PreparePair
 from ..normalization import PlateNormalization
 from ..pairing import CrossDomainPairDataset, CrossDomainPairIterableDataset, EpochIndexSampler, PartnerIndex
 from ..screen_data import load_screen, screen_channel_names
 from ..synthetic_screen import synthetic_screen_from_args
 
-__all__ = ["TrainData", "load_training_screen", "build_train_data"]
+__all__ = ["TrainData", "load_training_screen", "build_train_data", "collate_prepared_pairs"]
 
 logger = get_logger(__name__)
 
@@ -35,7 +35,8 @@ class TrainData:
 
     Args:
         dataloader (`torch.utils.data.DataLoader`): Batches of views (`global_crops`, `local_crops`) with `domain`,
-            `partner_domain` and `pair_case` per item.
+            `partner_domain` and `pair_case` per item; with `--batched_views` the prepared images (`image`,
+            `partner_image`) instead, whose views the loop cuts per batch (`augmentation.crop_batch`).
         augmentation (`MultiCropAugmentation`): The view recipe (its `view_sources()` feed the losses).
         normalization (`PlateNormalization`): The intensity normalisation images were trained with.
         num_channels (`int`), channel_names (`list[str]`): The screen's channels, in order.
@@ -86,6 +87,17 @@ def _multicrop_augmentation(args: argparse.Namespace) -> MultiCropAugmentation:
     )
 
 
+def collate_prepared_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """`--batched_views`: a batch of prepared pairs, whose views are cut together, so all its images share one size."""
+    shapes = sorted({tuple(item[key].shape) for item in items for key in ("image", "partner_image")})
+    if len(shapes) > 1:
+        raise ValueError(
+            f"--batched_views needs the images of a batch to share one size, got {shapes}; give --resize_to (for "
+            "images of one aspect ratio) or train without --batched_views"
+        )
+    return torch.utils.data.default_collate(items)
+
+
 def _partner_index(screen: Any, args: argparse.Namespace) -> PartnerIndex:
     try:
         index = PartnerIndex.from_table(
@@ -112,6 +124,9 @@ def build_train_data(args: argparse.Namespace, accelerator: Accelerator) -> Trai
     with accelerator.main_process_first():  # the first process computes and caches the plate statistics
         normalization = PlateNormalization.from_screen(screen, args.normalization)
     augmentation = _multicrop_augmentation(args)
+    # --batched_views: the workers only load and prepare the pair; the loop cuts the views of a whole batch at once.
+    transform = PreparePair(augmentation) if args.batched_views else augmentation
+    collate_fn = collate_prepared_pairs if args.batched_views else None  # None: torch's default
     pairing_mode = get_method(args.method).pairing_mode
 
     if args.streaming:
@@ -122,7 +137,7 @@ def build_train_data(args: argparse.Namespace, accelerator: Accelerator) -> Trai
             screen,
             label_column=args.label_column,
             domain_column=args.domain_column,
-            transform=augmentation,
+            transform=transform,
             mode=pairing_mode,
             seed=args.seed,
             buffer_size=args.shuffle_buffer_size,
@@ -131,7 +146,8 @@ def build_train_data(args: argparse.Namespace, accelerator: Accelerator) -> Trai
             image_loader=normalization.load_normalized,
         )
         dataloader = torch.utils.data.DataLoader(
-            dataset, batch_size=args.per_device_train_batch_size, num_workers=args.dataloader_num_workers, drop_last=True
+            dataset, batch_size=args.per_device_train_batch_size, num_workers=args.dataloader_num_workers,
+            drop_last=True, collate_fn=collate_fn,
         )
         return TrainData(dataloader, augmentation, normalization, num_channels, channel_names, len(domain_names))
 
@@ -139,7 +155,7 @@ def build_train_data(args: argparse.Namespace, accelerator: Accelerator) -> Trai
     dataset = CrossDomainPairDataset(
         screen,
         partner_index,
-        transform=augmentation,
+        transform=transform,
         mode=pairing_mode,
         seed=args.seed,
         image_loader=normalization.load_normalized,
@@ -151,6 +167,7 @@ def build_train_data(args: argparse.Namespace, accelerator: Accelerator) -> Trai
         sampler=EpochIndexSampler(len(dataset), seed=args.seed),
         num_workers=args.dataloader_num_workers,
         drop_last=True,
+        collate_fn=collate_fn,
         # The sampler hands each worker the epoch with every index, so workers can live across epochs and keep
         # their decoded-image caches (restarted workers would decode every image again each epoch).
         persistent_workers=args.dataloader_num_workers > 0,

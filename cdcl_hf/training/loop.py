@@ -11,6 +11,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from ..losses import CDCLObjective
+from ..multicrop import MultiCropAugmentation
 from .checkpoints import TrainingPosition, save_checkpoint
 from .components import TrainingSchedules
 from .step import NonFiniteLossError, train_step
@@ -25,6 +26,15 @@ def _seed_batch_randomness(seed: int, data_pass: int, batch_index: int, process_
     torch.manual_seed(int(np.random.SeedSequence([seed, data_pass, batch_index, process_index]).generate_state(1)[0]))
 
 
+def _batch_generator(
+    seed: int, data_pass: int, batch_index: int, process_index: int, device: torch.device
+) -> torch.Generator:
+    # --batched_views: the views' random draws, a function of the batch's position in training like the items' own
+    # seeds (a global step would repeat them across accumulated micro-batches and processes).
+    state = np.random.SeedSequence([seed, data_pass, batch_index, process_index, 4]).generate_state(2, np.uint32)
+    return torch.Generator(device=device).manual_seed(int(state.view(np.uint64)[0] >> 1))
+
+
 def train_loop(
     accelerator: Accelerator,
     args: argparse.Namespace,
@@ -36,11 +46,13 @@ def train_loop(
     schedules: TrainingSchedules,
     position: TrainingPosition,
     channel_names: list[str],
+    batched_views: MultiCropAugmentation | None = None,
 ) -> int:
     """Train from `position` until the run's last step (or `--stop_after_steps`); returns the steps done.
 
     A pass is one sweep over the data (an epoch of a map-style screen, one read of a stream); a resumed run skips
-    the batches its checkpoint had already trained on, so it continues with the very next batch.
+    the batches its checkpoint had already trained on, so it continues with the very next batch. With
+    `batched_views` (`--batched_views`) the batches hold prepared images, and their views are cut here, on the device.
     """
     stop_at = min(schedules.max_train_steps, args.stop_after_steps or schedules.max_train_steps)
     global_step, data_pass = position.global_step, position.data_pass
@@ -68,6 +80,11 @@ def train_loop(
 
             for batch_index, batch in enumerate(pass_dataloader, start=batches_done):
                 _seed_batch_randomness(args.seed, data_pass, batch_index, accelerator.process_index)
+                if batched_views is not None:
+                    generator = _batch_generator(args.seed, data_pass, batch_index, accelerator.process_index,
+                                                 accelerator.device)
+                    images, partners = batch.pop("image"), batch.pop("partner_image")
+                    batch.update(batched_views.crop_batch(images, partners, generator=generator))
                 try:
                     step = train_step(
                         accelerator, batch, student, teacher, objective, optimizer, schedules, global_step,
