@@ -2,11 +2,13 @@
 
 Uses the real training components (`cdcl_hf.training.data.build_train_data`, `components`, `step.train_step`), so
 it measures what `cdcl-train` runs. Per configuration (tiny preset on the real BBBC021 crops; ViT-S/16 with 2 global
-224 px + 6 local 96 px views on a synthetic 5-channel screen) it builds three runs in one process:
+224 px + 6 local 96 px views on a synthetic 5-channel screen) it builds five runs in one process:
 - `cdcl`: `--method cdcl`, the data path as shipped (decoded-image cache on);
 - `cdcl_no_cache`: the same with the decoded-image cache off (the code before issue 10: every image and every
   partner decoded from its PNG planes each time it is drawn);
-- `dino`, `dino_no_cache`: `--method dino` (partner = the image itself, decoded once), with and without the cache.
+- `dino`, `dino_no_cache`: `--method dino` (partner = the image itself, decoded once), with and without the cache;
+- `cdcl_batched_views`: `cdcl` with `--batched_views` (the loader yields prepared pairs; the views of each batch are
+  cut at once with `MultiCropAugmentation.crop_batch`, as `training.loop` does, and timed as `views`),
 and times `steps` steps of each, interleaved round-robin, `repeats` times; the ratios are per repeat.
 The split (decode, views = multi-crop augmentation, collate+pairing = rest of the loader, teacher forward, student
 forward, loss, backward + clip = rest of the step, optimizer, EMA) comes from timers wrapped around those calls.
@@ -99,6 +101,8 @@ class _Run:
         optimizer.step = self.timers.wrap("optimizer", optimizer.step)
         self.student, self.teacher, self.optimizer, self.dataloader = student, teacher, optimizer, dataloader
         self.batch_size = self.args.per_device_train_batch_size
+        # --batched_views: the loader yields prepared pairs and the views are cut per batch, as training.loop does.
+        self.batched_views = data.augmentation if self.args.batched_views else None
         self.global_step = 0
         self.batches = self._batches()
         student.train()
@@ -108,9 +112,20 @@ class _Run:
             self.dataloader.set_epoch(epoch)
             yield from self.dataloader
 
+    def _next_batch(self) -> dict:
+        batch = next(self.batches)
+        if self.batched_views is not None:
+            start = time.perf_counter()
+            generator = torch.Generator().manual_seed(self.global_step)
+            images, partners = batch.pop("image"), batch.pop("partner_image")
+            batch.update(self.batched_views.crop_batch(images, partners, generator=generator))
+            if self.timers.enabled:
+                self.timers.seconds["views"] += time.perf_counter() - start
+        return batch
+
     def step(self) -> None:
         start = time.perf_counter()
-        batch = next(self.batches)
+        batch = self._next_batch()
         self.timers.seconds["data"] += time.perf_counter() - start
         start = time.perf_counter()
         update = self.step_module.update_teacher_ema
@@ -130,7 +145,7 @@ class _Run:
         from torch.utils.flop_counter import FlopCounterMode
 
         self.timers.enabled = False
-        batch = next(self.batches)
+        batch = self._next_batch()
         counter = FlopCounterMode(display=False)
         with counter:
             self.step_module.train_step(
@@ -179,10 +194,12 @@ def bench_config(name: str, common_argv: list[str], steps: int, repeats: int, wa
     accelerator = Accelerator(cpu=True, mixed_precision="no")
     runs = {}
     with contextlib.redirect_stderr(io.StringIO()):
-        for run_name, method, cache in (("cdcl", "cdcl", True), ("cdcl_no_cache", "cdcl", False), ("dino", "dino", True),
-                                        ("dino_no_cache", "dino", False)):
+        for run_name, method, cache, extra in (
+            ("cdcl", "cdcl", True, []), ("cdcl_no_cache", "cdcl", False, []), ("dino", "dino", True, []),
+            ("dino_no_cache", "dino", False, []), ("cdcl_batched_views", "cdcl", True, ["--batched_views"]),
+        ):
             torch.manual_seed(0)
-            runs[run_name] = _Run(accelerator, [*common_argv, "--method", method], cache)
+            runs[run_name] = _Run(accelerator, [*common_argv, "--method", method, *extra], cache)
     for run in runs.values():  # warm-up: first epoch fills the cache, allocator warms up
         for _ in range(warmup_steps):
             run.step()
@@ -209,6 +226,7 @@ def bench_config(name: str, common_argv: list[str], steps: int, repeats: int, wa
     result["cdcl_no_cache_over_dino_time"] = summary(ratios(times, "cdcl_no_cache", "dino"), 3)
     result["cdcl_no_cache_over_dino_no_cache_time"] = summary(ratios(times, "cdcl_no_cache", "dino_no_cache"), 3)
     result["cdcl_over_cdcl_no_cache_time"] = summary(ratios(times, "cdcl", "cdcl_no_cache"), 3)
+    result["cdcl_batched_views_over_cdcl_time"] = summary(ratios(times, "cdcl_batched_views", "cdcl"), 3)
     print(f"{name}: cdcl/dino {result['cdcl_over_dino_time']}, without the cache "
           f"{result['cdcl_no_cache_over_dino_no_cache_time']}", flush=True)
     return result
