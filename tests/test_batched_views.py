@@ -2,29 +2,19 @@
 
 import json
 import math
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from test_train import assert_same_run, train
 
 from cdcl_hf.multicrop import MultiCropAugmentation, PreparePair, crop_sources
 from cdcl_hf.pairing import CrossDomainPairDataset, CrossDomainPairIterableDataset, PartnerIndex
 from cdcl_hf.training.arguments import changed_resume_settings, parse_args, serializable_arguments
 from cdcl_hf.training.data import collate_prepared_pairs
-
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN = ROOT / "training" / "train.py"
-# The small synthetic screen and head of tests/test_train.py.
-SMALL = [
-    "--synthetic_num_images", "120", "--synthetic_image_size", "32", "--per_device_train_batch_size", "16",
-    "--out_dim", "128", "--head_hidden_dim", "64", "--head_bottleneck_dim", "32", "--logging_steps", "1",
-]
 
 
 def generator(seed: int = 0) -> torch.Generator:
@@ -250,18 +240,6 @@ def test_runs_stored_before_the_flag_can_be_resumed():
     assert changed_resume_settings(stored, {**current, "batched_views": True}) == ["batched_views: False -> True"]
 
 
-def _train(cwd: Path, *arguments: str, expect_success: bool = True) -> subprocess.CompletedProcess:
-    env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run([sys.executable, str(TRAIN), *SMALL, *arguments], cwd=cwd, env={**os.environ, **env},
-                            capture_output=True, text=True, timeout=600)
-    assert (result.returncode == 0) == expect_success, result.stdout[-2000:] + result.stderr[-4000:]
-    return result
-
-
-def _log(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.parametrize("streaming", [False, True], ids=["map-style", "streaming"])
 def test_cdcl_train_with_batched_views_trains_and_resumes_exactly(tmp_path, streaming):
     # 104 images / batch 16 = 6 steps per pass: the resume at step 4 is mid-pass, and the run crosses a pass.
@@ -272,24 +250,17 @@ def test_cdcl_train_with_batched_views_trains_and_resumes_exactly(tmp_path, stre
                         "120", "--image_size", "32"], cwd=tmp_path, check=True, capture_output=True)
         steps += ["--dataset_name", "screen", "--streaming", "--shuffle_buffer_size", "32", "--steps_per_epoch", "6"]
         resumed_with = []
-    _train(tmp_path, *steps, "--output_dir", "straight")
+    train(tmp_path, *steps, "--output_dir", "straight")
     assert json.loads((tmp_path / "straight" / "training_summary.json").read_text())["finished"]
     assert json.loads((tmp_path / "straight" / "training_args.json").read_text())["batched_views"] is True
-    _train(tmp_path, *steps, *resumed_with, "--output_dir", "resumed", "--stop_after_steps", "4")
+    train(tmp_path, *steps, *resumed_with, "--output_dir", "resumed", "--stop_after_steps", "4")
     if not streaming:
         # The views of a batch depend on the flag: a checkpoint made with it is not resumed without it.
         without_flag = [a for a in steps if a != "--batched_views"]
-        refused = _train(tmp_path, *without_flag, "--output_dir", "resumed", "--resume_from_checkpoint", "latest",
+        refused = train(tmp_path, *without_flag, "--output_dir", "resumed", "--resume_from_checkpoint", "latest",
                          expect_success=False)
         assert "batched_views: True -> False" in refused.stderr
-    _train(tmp_path, *steps, *resumed_with, "--output_dir", "resumed", "--resume_from_checkpoint", "latest")
+    train(tmp_path, *steps, *resumed_with, "--output_dir", "resumed", "--resume_from_checkpoint", "latest")
 
-    straight_log, resumed_log = _log(tmp_path / "straight"), _log(tmp_path / "resumed")
-    assert [r["step"] for r in resumed_log] == list(range(1, 9))
-    for a, b in zip(straight_log, resumed_log, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), (a["step"], a["loss"], b["loss"])
-    for name in ("model.safetensors", "checkpoints/step_8/model.safetensors"):  # teacher backbone, student
-        straight, resumed = load_file(tmp_path / "straight" / name), load_file(tmp_path / "resumed" / name)
-        assert straight.keys() == resumed.keys()
-        for key in straight:
-            torch.testing.assert_close(resumed[key], straight[key], rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
+    assert_same_run(tmp_path / "straight", tmp_path / "resumed", 8,
+                    ("model.safetensors", "checkpoints/step_8/model.safetensors"))  # teacher backbone, student

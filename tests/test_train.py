@@ -61,6 +61,20 @@ def read_log(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
 
 
+def assert_same_run(expected: Path, actual: Path, num_steps: int, weight_files=("model.safetensors",)) -> None:
+    """Two runs trained the same: steps 1..num_steps logged with the same losses, and the same tensors in each of
+    `weight_files` (paths inside both run folders)."""
+    expected_log, actual_log = read_log(expected), read_log(actual)
+    assert [r["step"] for r in actual_log] == list(range(1, num_steps + 1))
+    for a, b in zip(expected_log, actual_log, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), (a["step"], a["loss"], b["loss"])
+    for name in weight_files:
+        want, got = load_file(expected / name), load_file(actual / name)
+        assert want.keys() == got.keys(), name
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_presets_parse(config):
     sys.path.insert(0, str(TRAIN.parent))
@@ -121,17 +135,9 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path, streaming):
         )
         assert "resumed from" in result.stdout + result.stderr
 
-    # The same data order after resuming: every logged step has the same loss.
-    straight_log, resumed_log = read_log(tmp_path / "straight"), read_log(tmp_path / "resumed")
-    assert [r["step"] for r in resumed_log] == list(range(1, 10))
-    for a, b in zip(straight_log, resumed_log, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), (a["step"], a["loss"], b["loss"])
-
-    for name in ("model.safetensors", "checkpoints/step_9/model.safetensors"):  # teacher backbone, student
-        straight, resumed = load_file(tmp_path / "straight" / name), load_file(tmp_path / "resumed" / name)
-        assert straight.keys() == resumed.keys()
-        for key in straight:
-            torch.testing.assert_close(resumed[key], straight[key], rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
+    # The same data order after resuming (every logged step has the same loss), the same teacher backbone and student.
+    assert_same_run(tmp_path / "straight", tmp_path / "resumed", 9,
+                    ("model.safetensors", "checkpoints/step_9/model.safetensors"))
 
 
 def test_two_processes_keep_identical_student_and_teacher(tmp_path):
@@ -202,14 +208,7 @@ def test_data_loader_workers_give_the_same_run(tmp_path):
     train(tmp_path, *steps, "--output_dir", "workers", "--dataloader_num_workers", "2", "--stop_after_steps", "9")
     train(tmp_path, *steps, "--output_dir", "workers", "--dataloader_num_workers", "2", "--resume_from_checkpoint",
           "latest")
-    main_log, workers_log = read_log(tmp_path / "main_process"), read_log(tmp_path / "workers")
-    assert [r["step"] for r in workers_log] == list(range(1, 19))
-    for a, b in zip(main_log, workers_log, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), (a["step"], a["loss"], b["loss"])
-    straight, workers = load_file(tmp_path / "main_process" / "model.safetensors"), load_file(
-        tmp_path / "workers" / "model.safetensors")
-    for key in straight:
-        torch.testing.assert_close(workers[key], straight[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert_same_run(tmp_path / "main_process", tmp_path / "workers", 18)
 
 
 def test_refuses_to_mix_runs_and_mismatched_resumes(tmp_path):
