@@ -49,14 +49,17 @@ def test_run_all_quick_writes_well_formed_results(tmp_path):
     _check_machine(training)
     assert training["results"]
     for config in training["results"]:
-        assert set(config["runs"]) == {"cdcl", "cdcl_no_cache", "dino", "dino_no_cache"}
-        assert _is_spread(config["cdcl_over_dino_time"])
+        assert set(config["runs"]) == {"cdcl", "cdcl_no_cache", "dino", "dino_no_cache", "cdcl_batched_views"}
+        assert _is_spread(config["cdcl_over_dino_time"]) and _is_spread(config["cdcl_batched_views_over_cdcl_time"])
+        assert config["runs"]["cdcl_batched_views"]["time_split"]["ms_per_step"]["views"] > 0
         for run in config["runs"].values():
             assert _is_spread(run["images_per_s"]) and _is_spread(run["mfu"]) and run["flops_per_step"] > 0
             fractions = run["time_split"]["fraction"]
             assert abs(sum(fractions.values()) - 1) < 1e-2, fractions
-        # The decoded-image cache changes where an image comes from, not what the step computes.
+        # The decoded-image cache and batched views change where an image and its views come from, not what the
+        # step computes.
         assert config["runs"]["cdcl"]["flops_per_step"] == config["runs"]["cdcl_no_cache"]["flops_per_step"]
+        assert config["runs"]["cdcl"]["flops_per_step"] == config["runs"]["cdcl_batched_views"]["flops_per_step"]
 
     data_path = json.loads((tmp_path / "data_path.json").read_text())
     _check_machine(data_path)
