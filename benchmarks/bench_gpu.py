@@ -14,6 +14,8 @@ under `Accelerator(mixed_precision="bf16")`, ViT-S/16 with 2 global 224 px + 6 l
 vs `--method dino`, interleaved. `compute`: the same batch of views re-used each step (student and teacher forward,
 loss, backward, clip, optimizer, EMA: what the GPU does); `with_loader`: batches from the data loader with
 `--dataloader_num_workers` worker processes (decode and multi-crop on the CPU), the whole step as a user runs it.
+A third run, `cdcl_batched_views` (`--batched_views`), has the workers only decode and cuts each batch's views on the
+GPU (`MultiCropAugmentation.crop_batch`); in `compute` it re-cuts the views of the fixed batch every step.
 MFU = FLOPs of one step (torch.utils.flop_counter) / step time / the bf16 matmul peak measured in the same run.
 """
 
@@ -158,9 +160,10 @@ def training_step(device, mixed_precision, common_argv, steps, repeats, peak_flo
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision)
     runs = {}
     with contextlib.redirect_stderr(io.StringIO()):
-        for method in ("cdcl", "dino"):
+        for name, extra in (("cdcl", ["--method", "cdcl"]), ("dino", ["--method", "dino"]),
+                            ("cdcl_batched_views", ["--method", "cdcl", "--batched_views"])):
             torch.manual_seed(0)
-            runs[method] = _Run(accelerator, [*common_argv, "--method", method], cache=True)
+            runs[name] = _Run(accelerator, [*common_argv, *extra], cache=True)
     batch_size = runs["cdcl"].batch_size
 
     def candidate(run):
@@ -187,10 +190,12 @@ def training_step(device, mixed_precision, common_argv, steps, repeats, peak_flo
                         "flops_per_step": flops[k],
                         "mfu": summary([flops[k] / t / peak_flops for t in step_s], 4)}
         block["cdcl_over_dino_time"] = summary(ratios(times, "cdcl", "dino"), 3)
+        block["cdcl_batched_views_over_cdcl_time"] = summary(ratios(times, "cdcl_batched_views", "cdcl"), 3)
         result[mode] = block
         print(f"training step ({mode}): cdcl {block['cdcl']['step_ms']['median']:.1f} ms "
               f"(MFU {block['cdcl']['mfu']['median']:.3f}), dino {block['dino']['step_ms']['median']:.1f} ms, "
-              f"cdcl/dino {block['cdcl_over_dino_time']['median']:.3f}", flush=True)
+              f"cdcl/dino {block['cdcl_over_dino_time']['median']:.3f}, batched views / per-item "
+              f"{block['cdcl_batched_views_over_cdcl_time']['median']:.3f}", flush=True)
     if device.type == "cuda":
         result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     return result

@@ -116,9 +116,11 @@ class _Run:
         batch = next(self.batches)
         if self.batched_views is not None:
             start = time.perf_counter()
-            generator = torch.Generator().manual_seed(self.global_step)
-            images, partners = batch.pop("image"), batch.pop("partner_image")
-            batch.update(self.batched_views.crop_batch(images, partners, generator=generator))
+            images, partners = batch["image"], batch["partner_image"]
+            generator = torch.Generator(device=images.device).manual_seed(self.global_step)
+            views = self.batched_views.crop_batch(images, partners, generator=generator)
+            # A new dict: bench_gpu's `compute` mode hands out the same loader batch every step.
+            batch = {**{k: v for k, v in batch.items() if k not in ("image", "partner_image")}, **views}
             if self.timers.enabled:
                 self.timers.seconds["views"] += time.perf_counter() - start
         return batch

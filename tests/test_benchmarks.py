@@ -91,6 +91,8 @@ def test_run_all_quick_writes_well_formed_results(tmp_path):
     for mode in ("with_loader", "compute"):
         block = gpu["training_step"][mode]
         assert _is_spread(block["cdcl_over_dino_time"]) and block["cdcl"]["flops_per_step"] > 0
+        assert _is_spread(block["cdcl_batched_views_over_cdcl_time"])
+        assert block["cdcl_batched_views"]["flops_per_step"] == block["cdcl"]["flops_per_step"]
     assert gpu["matmul_peak"]["best_flops"] > 0
 
     # The README tables are generated from these files.
