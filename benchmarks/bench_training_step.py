@@ -115,12 +115,11 @@ class _Run:
     def _next_batch(self) -> dict:
         batch = next(self.batches)
         if self.batched_views is not None:
+            from cdcl_hf.training.data import cut_batch_views
+
             start = time.perf_counter()
-            images, partners = batch["image"], batch["partner_image"]
-            generator = torch.Generator(device=images.device).manual_seed(self.global_step)
-            views = self.batched_views.crop_batch(images, partners, generator=generator)
-            # A new dict: bench_gpu's `compute` mode hands out the same loader batch every step.
-            batch = {**{k: v for k, v in batch.items() if k not in ("image", "partner_image")}, **views}
+            generator = torch.Generator(device=batch["image"].device).manual_seed(self.global_step)
+            batch = cut_batch_views(batch, self.batched_views, generator)
             if self.timers.enabled:
                 self.timers.seconds["views"] += time.perf_counter() - start
         return batch

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 import threading
@@ -33,7 +32,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from bench_methods_bbbc021 import CHANNEL_NAMES, SHARED, collect_metrics, file_sha256  # noqa: E402
 from bench_methods_synthetic import display, log, mean_std, run_command, training_health  # noqa: E402
-from common import machine  # noqa: E402
+from common import machine, usable_cores  # noqa: E402
 
 BASE_PRESET = HERE / "configs" / "bbbc021_crops_tuning_base.yaml"
 # Each variant = the flags given on top of --base_preset. Kept as the record of what was tried.
@@ -150,7 +149,7 @@ def run_variant(args, screen: str, variant: str, method: str, seed: int, threads
 def run_machine() -> str:
     import torch
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     where = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     return f"{where}, {cores} cores"
 
@@ -195,7 +194,7 @@ def main(argv=None) -> None:
     args.work_dir = args.work_dir.resolve()
     started = time.perf_counter()
     screen = build_tuning_screen(args)
-    threads = max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2) // max(args.jobs, 1))
+    threads = max(1, usable_cores() // max(args.jobs, 1))
     tasks = [(v, m, s) for v in args.configs for m in args.methods for s in args.seeds]
     json_path = args.output.with_suffix(".json")
     runs = json.loads(json_path.read_text())["runs"] if json_path.is_file() else []

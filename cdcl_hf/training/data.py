@@ -18,7 +18,7 @@ from ..pairing import CrossDomainPairDataset, CrossDomainPairIterableDataset, Ep
 from ..screen_data import load_screen, screen_channel_names
 from ..synthetic_screen import synthetic_screen_from_args
 
-__all__ = ["TrainData", "load_training_screen", "build_train_data", "collate_prepared_pairs"]
+__all__ = ["TrainData", "load_training_screen", "build_train_data", "collate_prepared_pairs", "cut_batch_views"]
 
 logger = get_logger(__name__)
 
@@ -96,6 +96,15 @@ def collate_prepared_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
             "images of one aspect ratio) or train without --batched_views"
         )
     return torch.utils.data.default_collate(items)
+
+
+def cut_batch_views(
+    batch: dict[str, Any], augmentation: MultiCropAugmentation, generator: torch.Generator
+) -> dict[str, Any]:
+    """`--batched_views`: a batch of prepared pairs (`image`, `partner_image`) -> the same batch with their views
+    (`global_crops`, `local_crops`) in their place, cut at once on the images' device. The input is left unchanged."""
+    views = augmentation.crop_batch(batch["image"], batch["partner_image"], generator=generator)
+    return {**{k: v for k, v in batch.items() if k not in ("image", "partner_image")}, **views}
 
 
 def _partner_index(screen: Any, args: argparse.Namespace) -> PartnerIndex:

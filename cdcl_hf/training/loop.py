@@ -14,6 +14,7 @@ from ..losses import CDCLObjective
 from ..multicrop import MultiCropAugmentation
 from .checkpoints import TrainingPosition, save_checkpoint
 from .components import TrainingSchedules
+from .data import cut_batch_views
 from .step import NonFiniteLossError, train_step
 from .tracking import CollapseGuard, StepLogger
 
@@ -83,8 +84,7 @@ def train_loop(
                 if batched_views is not None:
                     generator = _batch_generator(args.seed, data_pass, batch_index, accelerator.process_index,
                                                  accelerator.device)
-                    images, partners = batch.pop("image"), batch.pop("partner_image")
-                    batch.update(batched_views.crop_batch(images, partners, generator=generator))
+                    batch = cut_batch_views(batch, batched_views, generator)
                 try:
                     step = train_step(
                         accelerator, batch, student, teacher, objective, optimizer, schedules, global_step,
