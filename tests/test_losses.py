@@ -198,6 +198,26 @@ def test_cross_correlation_without_the_k_by_k_matrix_matches_it(rows, width):
     torch.testing.assert_close(gradient, reference_gradient, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("rows, width", [(8, 64), (64, 8)], ids=["gram", "full"])
+def test_cross_correlation_of_all_pairs_at_once_matches_each_pair(rows, width):
+    """`pairwise` (what the objective calls) gives every pair's `forward` value, and the same student gradient."""
+    torch.manual_seed(0)
+    teacher_views = torch.randn(2, rows, width) * 3 - 1
+    student_views = torch.randn(5, rows, width, requires_grad=True)
+    loss_fn = CrossCorrelationLoss(0.95, normalize=True)
+    per_pair = loss_fn.pairwise(teacher_views, student_views)
+    assert per_pair.shape == (2, 5)
+    (gradient,) = torch.autograd.grad(per_pair[0, 1:].sum() + per_pair[1, 2:].sum(), student_views)
+
+    reference_student = student_views.detach().clone().requires_grad_(True)
+    reference = torch.stack([torch.stack([loss_fn(t, s) for s in reference_student]) for t in teacher_views])
+    (reference_gradient,) = torch.autograd.grad(reference[0, 1:].sum() + reference[1, 2:].sum(), reference_student)
+    torch.testing.assert_close(per_pair, reference.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gradient, reference_gradient, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match=r"\(T, N, K\)"):
+        loss_fn.pairwise(teacher_views, student_views[:, :-1])
+
+
 def test_cross_correlation_is_zero_for_identical_decorrelated_outputs():
     # Orthogonal, zero-mean columns: C = I exactly, so both terms vanish.
     basis = torch.linalg.qr(torch.randn(64, 8)).Q
