@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import io
 import itertools
+import os
 import platform
 import statistics
 import sys
@@ -224,6 +225,33 @@ def inference_cuda_graphs(device, dtype, dims, sizes, batches, repeats, inner) -
     return points
 
 
+def _render_screen_part(path: str, num_images: int, image_size: int, seed: int) -> None:
+    from cdcl_hf.synthetic_screen import config_for_num_images, synthetic_screen_dataset
+
+    config = config_for_num_images(num_images, image_size=image_size, num_channels=5, seed=seed)
+    synthetic_screen_dataset(config).save_to_disk(path)
+
+
+def render_screen(path: Path, num_images: int, image_size: int, images_per_part: int = 96) -> int:
+    """A synthetic screen of about `num_images` images at `path`, rendered in parallel parts; returns its length.
+
+    The renderer takes ~0.3 s per 224 px image on one core, so parts of `images_per_part` (each its own seed: own
+    compounds and batch effects) render in separate processes and are concatenated.
+    """
+    from concurrent.futures import ProcessPoolExecutor
+
+    from datasets import concatenate_datasets, load_from_disk
+
+    parts = max(1, round(num_images / images_per_part))
+    part_paths = [str(path.parent / f"{path.name}-part{i}") for i in range(parts)]
+    with ProcessPoolExecutor(max_workers=min(parts, os.cpu_count() or 1)) as pool:
+        list(pool.map(_render_screen_part, part_paths, [num_images // parts] * parts, [image_size] * parts,
+                      range(parts)))
+    screen = concatenate_datasets([load_from_disk(p) for p in part_paths])
+    screen.save_to_disk(str(path))
+    return len(screen)
+
+
 def training_step(device, mixed_precision, common_argv, steps, repeats, peak_flops) -> dict:
     from accelerate import Accelerator
 
@@ -279,7 +307,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="data-loader workers for the with_loader step (default 8 on a GPU, 2 on the CPU)")
     parser.add_argument("--only", choices=("inference", "cuda_graphs", "training_step"), default=None)
     parser.add_argument("--step_batch_size", type=int, default=32, help="per-GPU batch of the training step")
-    parser.add_argument("--step_images", type=int, default=96, help="images of the training step's synthetic screen")
+    parser.add_argument("--step_images", type=int, default=None,
+                        help="images of the training step's synthetic screen (default: 2 batches per loader worker)")
     args = parser.parse_args(argv)
     if torch.cuda.is_available():
         device, dtype, mixed_precision = torch.device("cuda"), torch.bfloat16, "bf16"
@@ -308,14 +337,12 @@ def main(argv: list[str] | None = None) -> None:
     # The training step first: it is what a lease is most wanted for.
     if args.only in (None, "training_step"):
         with tempfile.TemporaryDirectory() as tmp, recorded(result, "training_step", args.out):
-            from cdcl_hf.synthetic_screen import config_for_num_images, synthetic_screen_dataset
-
-            # One screen on disk for both methods (the synthetic renderer takes ~0.3 s per 224 px image).
-            num_images, image_size, batch_size = ((64, 32, 8) if args.quick
-                                                  else (args.step_images, 224, args.step_batch_size))
+            batch_size = 8 if args.quick else args.step_batch_size
+            # A pass must hold several batches per worker: each worker builds whole batches, so with fewer batches
+            # than workers most workers idle and the step waits for one worker's batch (what an earlier run timed).
+            num_images = args.step_images or (64 if args.quick else 2 * args.workers * batch_size)
             screen = Path(tmp) / "screen"
-            synthetic_screen_dataset(config_for_num_images(num_images, image_size=image_size, num_channels=5,
-                                                           seed=0)).save_to_disk(str(screen))
+            result_screen = render_screen(screen, num_images, image_size=32 if args.quick else 224)
             argv_step = ["--max_train_steps", "100000", "--output_dir", str(Path(tmp) / "unused"), "--seed", "0",
                          "--dataset_name", str(screen), "--dataloader_num_workers", str(args.workers),
                          "--mixed_precision", mixed_precision, "--per_device_train_batch_size", str(batch_size)]
@@ -323,9 +350,10 @@ def main(argv: list[str] | None = None) -> None:
                 argv_step += ["--model_preset", "vit-small-patch16", "--global_crop_size", "224",
                               "--local_crop_size", "96", "--num_local_crops", "6", "--out_dim", "4096",
                               "--head_hidden_dim", "2048", "--head_bottleneck_dim", "256"]
-            steps = max(1, num_images // batch_size)  # one pass over the screen per timed repeat
+            steps = max(1, result_screen // batch_size)  # one pass over the screen per timed repeat
             result["training_step"] = training_step(device, mixed_precision, argv_step, steps, 5,
                                                     peak_start["best_flops"])
+            result["training_step"]["screen_images"] = result_screen
     if args.only in (None, "inference"):
         with recorded(result, "inference", args.out):
             result["inference"] = {"dims": dims, "channels": 5, "repeats": repeats, "forwards_per_repeat": inner,

@@ -160,15 +160,30 @@ def gpu_table(result: dict) -> str:
         lines += ["", f"Training step (ViT-S/16, 2 × 224 px + 6 × 96 px views, batch {step['batch_size']}, "
                   f"mixed precision {step['mixed_precision']}; `with_loader`: {step['argv'][step['argv'].index('--dataloader_num_workers') + 1]} "
                   "data-loader workers decoding and cropping on the CPU; `compute`: one batch re-used):", "",
-                  "| mode | method | step ms | images/s | MFU | CDCL ÷ DINO step time |", "|---|---|---|---|---|---|"]
+                  "| mode | method | step ms | images/s | MFU | step time ratio |", "|---|---|---|---|---|---|"]
+        ratio_columns = {"cdcl": ("cdcl_over_dino_time", "CDCL ÷ DINO"),
+                         "cdcl_batched_views": ("cdcl_batched_views_over_cdcl_time", "÷ CDCL per-item views")}
         for mode in ("with_loader", "compute"):
             block = step[mode]
-            for method in ("cdcl", "dino"):
+            for method in ("cdcl", "dino", "cdcl_batched_views"):
+                if method not in block:
+                    continue
                 run = block[method]
-                ratio = _spread(block["cdcl_over_dino_time"]) if method == "cdcl" else ""
-                lines.append(f"| {mode} | {method} | {_spread(run['step_ms'], '{:.1f}')} "
+                key, label = ratio_columns.get(method, (None, ""))
+                ratio = f"{_spread(block[key])} ({label})" if key in block else ""
+                name = "cdcl `--batched_views`" if method == "cdcl_batched_views" else method
+                lines.append(f"| {mode} | {name} | {_spread(run['step_ms'], '{:.1f}')} "
                              f"| {_spread(run['images_per_s'], '{:.0f}')} | {_spread(run['mfu'], '{:.3f}')} | {ratio} |")
-    for part in ("inference", "training_step"):
+    graphs = result.get("inference_cuda_graphs")
+    if graphs:
+        lines += ["", "Inference with each model's forward replayed as a CUDA graph (SDPA; `cuda_graph_forward`):", "",
+                  "| size | batch | CDCL graph images/s | ÷ CDCL plain forward | speed-up vs faster graphed baseline |",
+                  "|---|---|---|---|---|"]
+        for p in graphs:
+            lines.append(f"| {p['image_size']} | {p['batch']} | {p['images_per_s']['cdcl_graph']['median']:.0f} "
+                         f"| {_spread(p['graph_speedup_over_plain'])} "
+                         f"| {_spread(p['speedup_vs_faster_graph_baseline'])} ({p['faster_graph_baseline']}) |")
+    for part in ("inference", "inference_cuda_graphs", "training_step"):
         if result.get(f"{part}_error"):
             lines += ["", f"{part} failed: `{result[f'{part}_error'].strip().splitlines()[-1]}`"]
     return "\n".join(lines)
