@@ -267,7 +267,8 @@ def bbbc021_quality_table(result: dict | None) -> str:
     return "\n".join(lines)
 
 
-README_SECTIONS = {"bbbc021_quality": lambda folder: bbbc021_quality_table(_load(folder, "methods_bbbc021"))}
+README_SECTIONS = {"bbbc021_quality": lambda folder: bbbc021_quality_table(_load(folder, "methods_bbbc021")),
+                   "performance": lambda folder: tables(folder).rstrip("\n")}
 
 
 def update_readme(folder: str | Path, readme: str | Path = README) -> list[str]:

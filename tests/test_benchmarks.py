@@ -132,3 +132,17 @@ def test_decoded_image_cache_gives_identical_items():
     small = CrossDomainPairDataset(images, index, transform=augmentation, image_loader=loader, cache_bytes=1)
     small[(0, 0)]
     assert small._cached_bytes == 0  # over the budget: nothing kept
+
+
+def test_readme_tables_are_the_committed_results(tmp_path):
+    """Every generated README section equals what `make_tables.py --update_readme` renders from benchmarks/results."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import make_tables
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    readme = BENCHMARKS.parent / "README.md"
+    copy = tmp_path / "README.md"
+    copy.write_text(readme.read_text())
+    assert set(make_tables.update_readme(BENCHMARKS / "results", copy)) == set(make_tables.README_SECTIONS)
+    assert copy.read_text() == readme.read_text(), "README tables differ from benchmarks/results: run make_tables.py --update_readme"
