@@ -54,8 +54,9 @@ def train_step(
     teacher temperature and the last-layer freeze, is derived from it).
     """
     epoch = global_step // schedules.steps_per_epoch
-    # Which image (0: the item, 1: its partner) each view was cropped from; only_cross_domain pairs by it.
-    view_sources = crop_sources(batch["local_crops"].shape[1], device=accelerator.device)
+    # Which image (0: the item, 1: its partner) each view was cropped from; only_cross_domain pairs by it. Kept on the
+    # CPU: the losses read it into Python lists, which from a GPU tensor would wait for the forward passes to finish.
+    view_sources = crop_sources(batch["local_crops"].shape[1])
     with accelerator.accumulate(student):
         views = stack_views(batch)
         with torch.no_grad(), accelerator.autocast():
