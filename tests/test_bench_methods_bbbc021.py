@@ -103,6 +103,11 @@ def test_quick_run_has_every_row_and_sane_metrics(quick_run):
         metrics = run["evaluations"][0]["metrics"]
         assert 95 <= metrics["nsc"]["n"] <= 103 and 80 <= metrics["nscb"]["n"] <= 92, run["method"]
         assert "chance" in metrics["nsc"] and "no_batch_value" in metrics["ilisi_controls"]
+        # The controls' batch scores carry their shuffled-batch null (56 controls: under the size cap).
+        assert metrics["ilisi_controls"]["permutation_null"]["n_permutations"] == 20
+        assert math.isfinite(metrics["batch_classification_controls"]["z_vs_null"])
+    z_table = result["summary"]["none"]["z_vs_null"]
+    assert set(z_table) == set(ROWS) and "Batch on the controls against shuffled batch labels" in md
     # The trained models ran the preset with the quick step cap; untrained is the step-1 teacher.
     steps = {r["method"]: r["training"]["final_step"] for r in result["runs"] if r["kind"] == "trained"}
     assert steps == {"untrained": 1, "dino": 6, "dino-cb": 6, "cdcl": 6}
@@ -171,3 +176,35 @@ def test_quick_run_paired_differences_match_per_seed_values(quick_run):
         if run["kind"] == "trained":
             value = run["evaluations"][0]["metrics"]["nsc"]["value"]
             assert block["metrics"][run["method"]]["nsc"]["per_seed"][str(run["seed"])] == value
+
+
+def test_rescore_scores_the_last_runs_models_without_training(quick_run, shared_data_dir, tmp_path):
+    result, _, folder = quick_run
+    common = [sys.executable, str(SCRIPT), "--quick", "--work_dir", str(folder / "work"),
+              "--crops_dir", str(shared_data_dir / "bbbc021_crops"),
+              "--profiles_csv", str(shared_data_dir / "bbbc021_profiles" / "BBBC021_feature_selected_mad_robustize.csv")]
+    output = tmp_path / "methods_bbbc021"
+    output.with_suffix(".json").write_text(json.dumps(result))
+    done = subprocess.run([*common, "--rescore", "--output", str(output)], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rescored = json.loads(output.with_suffix(".json").read_text())
+    assert rescored["rescored"]["wall_s"] > 0 and rescored["total_wall_s"] == result["total_wall_s"]
+    for before, after in zip(result["runs"], rescored["runs"], strict=True):
+        assert (before["method"], before["seed"]) == (after["method"], after["seed"])
+        if before["kind"] == "trained":
+            assert after["commands"][0] == before["commands"][0] and after["train_wall_s"] == before["train_wall_s"]
+            assert after["training"] == before["training"]  # the same trained model, read again
+    assert "scoring the model trained by the last run" in done.stderr + done.stdout
+
+    # Another preset than the run's: refused, nothing written.
+    other = tmp_path / "other.yaml"
+    other.write_text((ROOT / "training/configs/bbbc021_crops.yaml").read_text() + "\nnum_train_epochs: 16\n")
+    refused = subprocess.run([*common, "--rescore", "--config", str(other), "--output", str(tmp_path / "x")],
+                             capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert refused.returncode != 0 and "no earlier results" in refused.stderr
+    before_text = output.with_suffix(".json").read_text()
+    refused = subprocess.run([*common, "--rescore", "--config", str(other), "--output", str(output)],
+                             capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert refused.returncode != 0 and "another preset" in refused.stderr
+    assert output.with_suffix(".json").read_text() == before_text

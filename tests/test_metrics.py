@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cdcl_hf import metrics
 from cdcl_hf.metrics import (
     HIGHER_IS_BETTER,
     MetricResult,
@@ -16,6 +17,7 @@ from cdcl_hf.metrics import (
     knn_identification,
     moa_retrieval_map,
     nsc_nscb_accuracy,
+    reference_note,
     replicate_retrieval_map,
     results_markdown_table,
     silhouette,
@@ -374,6 +376,37 @@ def test_controls_metrics_see_batch_where_all_profile_metrics_see_biology():
     for name, result in clean.items():
         assert name in HIGHER_IS_BETTER, name
         assert "informative" in result.to_dict()
+
+
+def test_controls_batch_scores_come_with_their_permutation_null(monkeypatch):
+    """Each controls-only batch score is given beside its value under shuffled batch labels: no batch effect scores
+    inside that null, a real one far outside, and on few controls per batch the null sits far from the analytic
+    no-batch value (which is why it is reported)."""
+    clean = evaluate_profiles(synthetic_screen(batch_shift=0.0), null_size=100)
+    shifted = evaluate_profiles(synthetic_screen(batch_shift=3.0), null_size=100)
+    names = ("batch_classification_controls", "plate_classification_controls", "silhouette_batch_controls",
+             "kbet_controls", "ilisi_controls")
+    for name in names:
+        null = clean[name].details["permutation_null"]
+        assert null["n_permutations"] == 20 and null["sd"] > 0, name
+        assert abs(clean[name].details["z_vs_null"]) < 3, (name, clean[name].details["z_vs_null"])
+        assert "shuffled batches" in reference_note(clean[name].details)
+    assert shifted["batch_classification_controls"].details["z_vs_null"] > 5
+    assert shifted["kbet_controls"].details["z_vs_null"] < -5 and shifted["ilisi_controls"].details["z_vs_null"] < -5
+    # The same call twice gives the same null (seeded shuffles).
+    again = evaluate_profiles(synthetic_screen(batch_shift=0.0), null_size=100)
+    assert again["ilisi_controls"].details["permutation_null"] == clean["ilisi_controls"].details["permutation_null"]
+
+    # 5 controls in each of 10 batches of pure noise: shuffled labels stay well below iLISI's analytic no-batch value.
+    rng = np.random.default_rng(0)
+    noise, batches = rng.normal(size=(50, 16)), np.repeat([f"B{i}" for i in range(10)], 5)
+    result = metrics._controls_batch_metrics(noise, batches, None, np.ones(50, bool), seed=0)["ilisi_controls"]
+    assert result.details["permutation_null"]["mean"] < result.details["no_batch_value"] - 0.1
+
+    # Above the size cap the null is left out (the analytic value is close there, and the shuffles cost time).
+    monkeypatch.setattr(metrics, "MAX_PERMUTATION_NULL_PROFILES", 10)
+    capped = evaluate_profiles(synthetic_screen(batch_shift=0.0), null_size=100)
+    assert all("permutation_null" not in capped[name].details for name in names)
 
 
 def test_too_few_or_whitened_controls_are_flagged_not_informative():
