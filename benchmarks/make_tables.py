@@ -199,6 +199,10 @@ BBBC021_COLUMNS = (
     ("nsc", "NSC"), ("nscb", "NSCB"), ("replicate_map", "replicate mAP"), ("moa_map", "MoA mAP"),
     ("batch_classification_controls", "batch clf acc, controls ↓"), ("ilisi_controls", "iLISI, controls"),
 )
+BBBC021_Z_COLUMNS = (
+    ("batch_classification_controls", "batch clf acc, z"), ("kbet_controls", "kBET, z"),
+    ("ilisi_controls", "iLISI, z"), ("silhouette_batch_controls", "batch silhouette, z"),
+)
 BBBC021_NOT_RUN = ("*Not run yet: `python benchmarks/bench_methods_bbbc021.py` writes "
                    "`benchmarks/results/methods_bbbc021.json`, then `python benchmarks/make_tables.py "
                    "--update_readme` fills this table.*")
@@ -247,6 +251,19 @@ def bbbc021_quality_table(result: dict | None) -> str:
     if paired:
         lines.append("| *cdcl − dino, paired* | " + " | ".join(_mean_sd(paired.get(n)) for n, _ in BBBC021_COLUMNS)
                      + " |")
+    z_table = result["summary"][correction].get("z_vs_null")
+    if z_table:
+        n_controls = next((e["metrics"]["ilisi_controls"].get("n") for r in result["runs"] for e in r["evaluations"]
+                           if e.get("summary_key") == correction and "ilisi_controls" in e["metrics"]), "?")
+        lines += ["", f"Batch on the {n_controls} control wells against the same scores with their batch labels "
+                  "shuffled (z = (value − shuffled mean) / shuffled sd, mean ± sd over seeds; |z| < 2: no batch "
+                  "signal the controls can show; batch clf z > 0 or kBET / iLISI z < 0 beyond that: batch present):",
+                  "", "| method | " + " | ".join(title for _, title in BBBC021_Z_COLUMNS) + " |",
+                  "|---|" + "---|" * len(BBBC021_Z_COLUMNS)]
+        for method, label in BBBC021_ROWS:
+            if method in z_table:
+                lines.append(f"| {label} | " + " | ".join(_mean_sd(z_table[method].get(name))
+                                                        for name, _ in BBBC021_Z_COLUMNS) + " |")
     heldout = next((key for key in result["summary"] if key.startswith(f"{correction}, ")), None)
     if heldout:
         weeks = result["settings"].get("heldout_batches") or []
