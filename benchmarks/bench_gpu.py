@@ -105,6 +105,16 @@ class _clock:
         return time.perf_counter() - self.t0
 
 
+def repeated_forward(forward, pixel_values: torch.Tensor, inner: int, device: torch.device):
+    """A timed call: `inner` forwards on `pixel_values`, then a device synchronisation."""
+    def run():
+        with torch.inference_mode():
+            for _ in range(inner):
+                forward(pixel_values)
+        synchronize(device)
+    return run
+
+
 def inference(device, dtype, dims, sizes, batches, repeats, inner, peak_flops) -> list[dict]:
     points = []
     channels = 5
@@ -115,16 +125,9 @@ def inference(device, dtype, dims, sizes, batches, repeats, inner, peak_flops) -
             for batch in batches:
                 pixel_values = torch.randn(batch, channels, size, size, device=device, dtype=dtype)
 
-                def runner(model, pixel_values=pixel_values):
-                    def run():
-                        with torch.inference_mode():
-                            for _ in range(inner):
-                                model(pixel_values)
-                        synchronize(device)
-                    return run
-
                 try:
-                    times = interleaved({name: runner(m) for name, m in models.items()}, repeats=repeats, warmup=2)
+                    times = interleaved({name: repeated_forward(m, pixel_values, inner, device)
+                                         for name, m in models.items()}, repeats=repeats, warmup=2)
                 except torch.OutOfMemoryError:
                     print(f"{attn} {size}px b{batch}: out of memory, skipped", flush=True)
                     torch.cuda.empty_cache()
@@ -198,16 +201,8 @@ def inference_cuda_graphs(device, dtype, dims, sizes, batches, repeats, inner) -
             outputs = {name: forward(pixel_values).last_hidden_state for name, forward in forwards.items()}
             # The graph must compute what the plain forward computes.
             graph_error = (outputs["cdcl_graph"].float() - outputs["cdcl_plain"].float()).abs().max().item()
-
-            def runner(forward, pixel_values=pixel_values):
-                def run():
-                    with torch.inference_mode():
-                        for _ in range(inner):
-                            forward(pixel_values)
-                    synchronize(device)
-                return run
-
-            times = interleaved({name: runner(f) for name, f in forwards.items()}, repeats=repeats, warmup=2)
+            times = interleaved({name: repeated_forward(f, pixel_values, inner, device) for name, f in forwards.items()},
+                                repeats=repeats, warmup=2)
             point = {"attn_implementation": "sdpa", "image_size": size, "batch": batch,
                      "max_abs_difference_graph_vs_plain": graph_error,
                      "images_per_s": {name: summary([batch * inner / t for t in times[name]], 1) for name in times}}
