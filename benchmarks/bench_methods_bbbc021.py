@@ -699,7 +699,17 @@ def previous_run_to_rescore(args, preset: dict) -> dict:
                                  "run without --rescore")
             if not any(r["seed"] == seed and r["method"] == method for r in previous["runs"]):
                 raise SystemExit(f"bench_methods_bbbc021 --rescore: {path} has no run of {method} seed {seed}")
+            trained_with = json.loads((summary.parent / "training_args.json").read_text())
+            differing = sorted(key for key, value in preset["values"].items() if key in trained_with
+                               and key not in ("output_dir", "method") and _as_list(trained_with[key]) != _as_list(value))
+            if differing:
+                raise SystemExit(f"bench_methods_bbbc021 --rescore: the model at {summary.parent} was trained with "
+                                 f"other {', '.join(differing)} than {args.config} sets; run without --rescore")
     return previous
+
+
+def _as_list(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def read_preset(path: Path) -> dict:
