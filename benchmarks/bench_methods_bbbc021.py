@@ -44,6 +44,7 @@ import json
 import os
 import shlex
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -383,6 +384,11 @@ def evaluation_args(args, dataset: str, correction: str, seed: int):
                                 "--seed", str(seed)])
 
 
+# The baselines and the CellProfiler reference are scored in threads of this process; copairs queries duckdb's
+# module-wide default connection, which refuses a second concurrent call, so in-process scoring takes turns.
+IN_PROCESS_SCORING = threading.Lock()
+
+
 def score_profile_table(profiles, cli, aggregate_wells: bool = True) -> dict:
     """What `cdcl_hf.commands.evaluate.run` does after `extract_embeddings`: wells (median), correction, metrics."""
     from cdcl_hf.metrics import evaluate_profiles
@@ -395,12 +401,13 @@ def score_profile_table(profiles, cli, aggregate_wells: bool = True) -> dict:
         profiles = aggregate_profiles(profiles, by=[column["plate"], column["well"]], method=cli.aggregate)
     profiles = correct_profiles(profiles, cli.correction, control_column=column["control"],
                                 plate_column=column["plate"], per_plate=cli.per_plate)
-    results = evaluate_profiles(
-        profiles, treatment_column=column["treatment"], compound_column=column["compound"], moa_column=moa_column,
-        batch_column=column["batch"], plate_column=column["plate"], control_column=column["control"],
-        aggregate=cli.aggregate, knn_k=cli.knn_k, knn_temperature=cli.knn_temperature,
-        null_size=cli.null_size, missing_moa=cli.missing_moa, seed=cli.seed,
-    )
+    with IN_PROCESS_SCORING:
+        results = evaluate_profiles(
+            profiles, treatment_column=column["treatment"], compound_column=column["compound"], moa_column=moa_column,
+            batch_column=column["batch"], plate_column=column["plate"], control_column=column["control"],
+            aggregate=cli.aggregate, knn_k=cli.knn_k, knn_temperature=cli.knn_temperature,
+            null_size=cli.null_size, missing_moa=cli.missing_moa, seed=cli.seed,
+        )
     return {"n_profiles": len(profiles), "metrics": {name: result.to_dict() for name, result in results.items()}}
 
 
