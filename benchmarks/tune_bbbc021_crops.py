@@ -9,7 +9,9 @@ Protocol (so that the preset is not tuned on what `bench_methods_bbbc021.py` sco
 - tuning seeds (default 100, 101) differ from the benchmark's (0, 1, 2);
 - every variant is trained with the real CLI on the tuning screen and scored there with the real evaluation CLI
   (well profiles, median aggregation, no correction, batch = week); the preset is the variant with the best mean
-  NSCB (NSC breaking ties) among those whose teacher did not drift to uniform.
+  NSCB (NSC breaking ties) among those whose teacher did not drift to uniform;
+- scoring variants score a trained variant's models again with other evaluation flags (test-time augmentation,
+  TVN), on the same tuning screen and seeds; one that wins would change the benchmark's evaluation, not the preset.
 Results: benchmarks/results/tuning_bbbc021_crops.json / .md (each run appended; re-running a variant replaces it).
 `--markdown_only` rewrites the .md from the .json.
 """
@@ -75,6 +77,14 @@ VARIANTS.update({
     "gpu_crops_blur_noise": ["--model_preset", "vit-crops-patch8", "--blur_prob", "0.5", "--noise_std", "0.1",
                              *GPU_FLAGS],
 })
+# Scoring variants: a trained variant's models scored again with other evaluation flags (no training). Images are
+# averaged over mirrored / quarter-turned copies (test-time augmentation), or the well profiles are whitened on the
+# controls (TVN), as the evaluation CLI offers both.
+SCORING_VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "crops_model_tta_flips": ("crops_model", ["--test_time_augmentation", "flips"]),
+    "crops_model_tta_dihedral": ("crops_model", ["--test_time_augmentation", "dihedral"]),
+    "crops_model_tvn": ("crops_model", ["--correction", "tvn"]),
+}
 SCORED = ("nsc", "nscb", "replicate_map", "moa_map", "batch_classification_controls", "ilisi_controls")
 
 
@@ -118,31 +128,41 @@ def build_tuning_screen(args) -> dict:
 
 
 def run_variant(args, screen: str, variant: str, method: str, seed: int, threads: int) -> dict:
-    out = args.work_dir / variant / f"{method}_seed{seed}"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    trained_variant, scoring_flags = SCORING_VARIANTS.get(variant, (variant, []))
+    out = args.work_dir / trained_variant / f"{method}_seed{seed}"
+    runs_dir = args.work_dir / variant
+    runs_dir.mkdir(parents=True, exist_ok=True)
     train = [sys.executable, str(ROOT / "training" / "train.py"), "--config", str(args.base_preset.resolve()),
              "--dataset_name", screen, "--seed", str(seed), "--method", method, "--output_dir", str(out),
-             "--overwrite_output_dir", *VARIANTS[variant]]
-    train_wall = run_command(train, out.parent / f"{method}_seed{seed}.train.log", threads)
-    eval_dir = out.parent / f"{method}_seed{seed}.eval"
+             "--overwrite_output_dir", *VARIANTS[trained_variant]]
+    if variant in SCORING_VARIANTS:
+        if not (out / "training_summary.json").is_file():
+            raise RuntimeError(f"{variant} scores the models of {trained_variant}, but {out} holds no finished run; "
+                               f"train them first: --configs {trained_variant} --methods {method} --seeds {seed}")
+        train_wall = None
+    else:
+        train_wall = run_command(train, runs_dir / f"{method}_seed{seed}.train.log", threads)
+    eval_dir = runs_dir / f"{method}_seed{seed}.eval"
     evaluate = [sys.executable, str(ROOT / "training" / "evaluate_embeddings.py"), "--model", str(out),
                 "--dataset_name", screen, "--output_dir", str(eval_dir), "--profile_level", "well", "--aggregate",
                 "median", "--correction", "none", "--batch_column", "batch", "--null_size", "200", "--seed", str(seed),
-                "--no_progress"]
-    eval_wall = run_command(evaluate, out.parent / f"{method}_seed{seed}.eval.log", threads)
+                "--no_progress", *scoring_flags]
+    eval_wall = run_command(evaluate, runs_dir / f"{method}_seed{seed}.eval.log", threads)
     report = json.loads((eval_dir / "results.json").read_text())
     health = training_health(out)
     metrics = collect_metrics(report["metrics"])
-    record = {"variant": variant, "flags": VARIANTS[variant], "method": method, "seed": seed,
-              "train_wall_s": round(train_wall, 1), "eval_wall_s": round(eval_wall, 1),
+    record = {"variant": variant, "flags": VARIANTS[trained_variant], "method": method, "seed": seed,
+              "train_wall_s": None if train_wall is None else round(train_wall, 1), "eval_wall_s": round(eval_wall, 1),
               "metrics": {k: metrics[k]["value"] for k in SCORED if k in metrics},
               "final_teacher_entropy_ratio": health.get("final_teacher_entropy_ratio"),
               "final_teacher_kl_to_uniform": health.get("final_teacher_kl_to_uniform"),
               "final_step": health["final_step"], "machine": run_machine(),
-              "commands": [display(train), display(evaluate)]}
+              "commands": [display(evaluate)] if train_wall is None else [display(train), display(evaluate)]}
+    if variant in SCORING_VARIANTS:
+        record.update(trained_by=trained_variant, scoring_flags=scoring_flags)
     log(f"{variant} {method} seed {seed}: NSC {record['metrics'].get('nsc', float('nan')):.3f} NSCB "
         f"{record['metrics'].get('nscb', float('nan')):.3f} entropy ratio "
-        f"{record['final_teacher_entropy_ratio'] or float('nan'):.3f} ({train_wall:.0f} s)")
+        f"{record['final_teacher_entropy_ratio'] or float('nan'):.3f} ({train_wall or 0:.0f} s training)")
     return record
 
 
@@ -173,9 +193,14 @@ def markdown(result: dict) -> str:
         entropy = mean_std([r["final_teacher_entropy_ratio"] for r in records])
         wall = mean_std([r["train_wall_s"] for r in records])
         seeds = ", ".join(str(r["seed"]) for r in sorted(records, key=lambda r: r["seed"]))
-        lines.append(f"| {variant} | {method} | `{' '.join(records[0]['flags']) or '(preset)'}` | {seeds} | "
-                     + " | ".join(cells)
-                     + f" | {entropy['mean']:.3f} | {wall['mean']:.0f} | {records[0].get('machine', 'CPU, 2 cores')} |")
+        flags = f"`{' '.join(records[0]['flags']) or '(preset)'}`"
+        if "trained_by" not in records[0]:
+            trained = f"{wall['mean']:.0f}"
+        else:  # a scoring variant: the trained variant's models, other evaluation flags
+            flags = f"models of {records[0]['trained_by']}, scored with `{' '.join(records[0]['scoring_flags'])}`"
+            trained = "(no training)"
+        lines.append(f"| {variant} | {method} | {flags} | {seeds} | " + " | ".join(cells)
+                     + f" | {entropy['mean']:.3f} | {trained} | {records[0].get('machine', 'CPU, 2 cores')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -187,8 +212,10 @@ def main(argv=None) -> None:
     if args.list:
         for name, flags in VARIANTS.items():
             print(f"{name}: {shlex.join(flags)}")
+        for name, (trained_variant, flags) in SCORING_VARIANTS.items():
+            print(f"{name}: the models of {trained_variant}, evaluated with {shlex.join(flags)}")
         return
-    unknown = [c for c in args.configs if c not in VARIANTS]
+    unknown = [c for c in args.configs if c not in VARIANTS and c not in SCORING_VARIANTS]
     if unknown:
         raise SystemExit(f"tune_bbbc021_crops: error: unknown --configs {unknown}; --list shows them")
     args.work_dir = args.work_dir.resolve()
@@ -224,7 +251,7 @@ def write_results(args, screen: dict, runs: list[dict], wall_s: float) -> None:
               "protocol": " ".join(line.strip() for line in __doc__.split("Protocol")[1].split("Results:")[0]
                                    .splitlines()[1:]).replace("- ", "• "),
               "base_preset": args.base_preset.read_text(), "machine": {**machine(), "gpu": gpu}, "screen": screen,
-              "variants": VARIANTS, "runs": runs, "last_wall_s": round(wall_s, 1)}
+              "variants": VARIANTS, "scoring_variants": SCORING_VARIANTS, "runs": runs, "last_wall_s": round(wall_s, 1)}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     for suffix, text in ((".json", json.dumps(result, indent=2) + "\n"), (".md", markdown(result))):
         staging = args.output.with_suffix(suffix + ".tmp")

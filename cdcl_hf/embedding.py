@@ -46,3 +46,44 @@ def pooled_embedding(output: Any) -> torch.Tensor:
                 )
             pooled = hidden[:, 0]
     return pooled.reshape(pooled.shape[0], -1)
+
+
+# A cell in a crop or a field has no preferred orientation, and training draws flips and quarter turns of every
+# view; averaging an image's embedding over those symmetries removes what the model did not learn to ignore.
+TEST_TIME_AUGMENTATIONS = ("none", "flips", "dihedral")
+
+
+def symmetry_views(pixel_values: torch.Tensor, augmentation: str = "none") -> list[torch.Tensor]:
+    """The views of ``pixel_values`` (batch, channels, height, width) that ``augmentation`` averages over.
+
+    ``"none"``: the images as they are. ``"flips"``: also mirrored left-right, top-bottom and both (4 views).
+    ``"dihedral"``: the 8 symmetries of the square (4 quarter turns, each also mirrored); needs square images.
+
+    Raises:
+        ValueError: An unknown ``augmentation``, or ``"dihedral"`` on images that are not square.
+    """
+    if augmentation not in TEST_TIME_AUGMENTATIONS:
+        raise ValueError(f"test-time augmentation must be one of {TEST_TIME_AUGMENTATIONS}, got {augmentation!r}")
+    if augmentation == "none":
+        return [pixel_values]
+    if augmentation == "flips":
+        return [pixel_values, pixel_values.flip(-1), pixel_values.flip(-2), pixel_values.flip((-2, -1))]
+    height, width = pixel_values.shape[-2:]
+    if height != width:
+        raise ValueError(
+            f"dihedral test-time augmentation turns images by quarter turns, which needs square images, got "
+            f"{height} x {width}; use flips, or let the processor resize / crop to a square"
+        )
+    return [torch.rot90(view, turns, dims=(-2, -1))
+            for view in (pixel_values, pixel_values.flip(-1)) for turns in range(4)]
+
+
+def augmented_embedding(model: torch.nn.Module, pixel_values: torch.Tensor, augmentation: str = "none") -> torch.Tensor:
+    """The (batch, dim) pooled embedding of ``pixel_values``, averaged over the views of :func:`symmetry_views`.
+
+    All views go through the model in one forward pass (``len(views)`` times the batch), then each image's views
+    are averaged; with ``"none"`` this is ``pooled_embedding(model(pixel_values=pixel_values))``.
+    """
+    views = symmetry_views(pixel_values, augmentation)
+    pooled = pooled_embedding(model(pixel_values=torch.cat(views) if len(views) > 1 else views[0]))
+    return pooled.reshape(len(views), pixel_values.shape[0], -1).mean(dim=0)

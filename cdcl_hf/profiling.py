@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from sklearn.decomposition import PCA
 
-from .embedding import pooled_embedding
+from .embedding import TEST_TIME_AUGMENTATIONS, augmented_embedding
 from .image_io import decode_image
 from .normalization import PlateNormalization
 from .outputs import temporary_prefix
@@ -728,8 +728,8 @@ def _pixel_values(
     return torch.stack(rows)
 
 
-def _embed(model: Any, pixel_values: Any) -> np.ndarray:
-    return pooled_embedding(model(pixel_values=pixel_values)).float().cpu().numpy()
+def _embed(model: Any, pixel_values: Any, augmentation: str) -> np.ndarray:
+    return augmented_embedding(model, pixel_values, augmentation).float().cpu().numpy()
 
 
 def extract_embeddings(
@@ -744,6 +744,7 @@ def extract_embeddings(
     normalization: PlateNormalization | None = None,
     channel_map: Mapping[str, str] | None = None,
     channel_order: Sequence[str | int] | None = None,
+    test_time_augmentation: str = "none",
 ) -> pd.DataFrame:
     """Embed every image of a screen dataset; one row per image, metadata as ``Metadata_*`` columns.
 
@@ -756,7 +757,9 @@ def extract_embeddings(
     `PlateNormalization.for_processor`), with statistics per channel as the screen stores them; each image is then
     processed with its plate's ``image_mean`` / ``image_std``, as training normalised it. Runs on ``device``
     (default: CUDA when available), in inference mode, with a tqdm progress bar (a streamed dataset has no length, so
-    the bar only counts).
+    the bar only counts). ``test_time_augmentation`` (``"none"``, ``"flips"`` or ``"dihedral"``, see
+    `cdcl_hf.embedding.symmetry_views`): each image's (or tile's) embedding is the mean over its mirrored / turned
+    copies, which all go through the model in the same forward pass.
 
     Channels: the screen's ``channel_names`` are checked against the model's (:func:`match_channels`): another
     count, or other names or order when both sides name them, raises ``ValueError`` naming both orders, unless
@@ -767,6 +770,10 @@ def extract_embeddings(
     import torch
     from tqdm.auto import tqdm
 
+    if test_time_augmentation not in TEST_TIME_AUGMENTATIONS:
+        raise ValueError(
+            f"test_time_augmentation must be one of {TEST_TIME_AUGMENTATIONS}, got {test_time_augmentation!r}"
+        )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
     total = len(dataset) if hasattr(dataset, "__len__") else None
@@ -810,7 +817,7 @@ def extract_embeddings(
                     for _ in tiles
                 ]
             pixel_values = _pixel_values(processor, flat_tiles, tile_plates, normalization).to(device)
-            tile_embeddings = _embed(model, pixel_values)
+            tile_embeddings = _embed(model, pixel_values, test_time_augmentation)
             start = 0
             for tiles in tiles_per_image:
                 embeddings.append(tile_embeddings[start : start + len(tiles)].mean(axis=0))

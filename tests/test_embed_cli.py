@@ -57,6 +57,19 @@ def checkpoint(tmp_path_factory):
     return path
 
 
+def test_dihedral_test_time_augmentation_embeds_turned_images_alike(checkpoint, tmp_path):
+    image = np.random.default_rng(1).integers(0, 4000, size=(3, 40, 40), dtype=np.uint16)
+    np.save(tmp_path / "as_stored.npy", image)
+    np.save(tmp_path / "turned.npy", np.ascontiguousarray(np.rot90(image, 1, axes=(1, 2))))
+    files = ["--images", str(tmp_path / "as_stored.npy"), str(tmp_path / "turned.npy")]
+    embed.main(["--model", str(checkpoint), *files, "--output", str(tmp_path / "plain.npy")])
+    embed.main(["--model", str(checkpoint), *files, "--output", str(tmp_path / "dihedral.npy"),
+                "--test_time_augmentation", "dihedral"])
+    plain, dihedral = np.load(tmp_path / "plain.npy"), np.load(tmp_path / "dihedral.npy")
+    assert not np.allclose(plain[0], plain[1], atol=1e-3)
+    np.testing.assert_allclose(dihedral[0], dihedral[1], atol=1e-5)
+
+
 def test_16_bit_png_pgm_and_per_channel_files_keep_their_values(checkpoint, tmp_path, capsys):
     image = np.random.default_rng(1).integers(0, 65536, size=(3, 40, 40), dtype=np.uint16)
     image[0, 0, 0], image[0, 0, 1] = 0, 65535

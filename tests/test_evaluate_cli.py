@@ -145,6 +145,21 @@ def test_cli_streams_a_screen_with_its_own_column_names(
     pd.testing.assert_frame_equal(streamed, in_memory, atol=1e-5)
 
 
+def test_cli_averages_over_mirrored_copies_when_asked(crops_evaluation, tiny_checkpoint, bbbc021_crops_dataset,
+                                                     tmp_path):
+    cli = load_cli()
+    report = cli.run(cli.parse_args(
+        ["--model", str(tiny_checkpoint), "--dataset_name", str(bbbc021_crops_dataset), "--no_progress",
+         "--output_dir", str(tmp_path / "out"), "--max_images", "32", "--profile_level", "image",
+         "--null_size", "50", "--test_time_augmentation", "flips"]))
+    assert report["settings"]["test_time_augmentation"] == "flips"
+    augmented = pd.read_parquet(tmp_path / "out" / "profiles_image.parquet")
+    plain = pd.read_parquet(crops_evaluation / "profiles_image.parquet").head(32)
+    features = [c for c in plain if not c.startswith("Metadata_")]
+    pd.testing.assert_frame_equal(augmented.drop(columns=features), plain.drop(columns=features))
+    assert not np.allclose(augmented[features], plain[features], atol=1e-3)
+
+
 def test_cli_refuses_a_model_with_the_wrong_channel_count(bbbc021_crops_dataset, tmp_path):
     from cdcl_hf import CDCLConfig, CDCLImageProcessor, CDCLModel
 

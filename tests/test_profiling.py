@@ -196,6 +196,51 @@ def test_tiled_embedding_is_the_mean_of_its_tiles(tiny_screen, tiny_model):
     np.testing.assert_allclose(tiled[features].to_numpy()[0], per_tile[features].to_numpy().mean(axis=0), atol=1e-5)
 
 
+@pytest.mark.parametrize("augmentation, turns", [("flips", [np.flipud, np.fliplr]),
+                                                  ("dihedral", [np.rot90, np.flipud, lambda plane: np.rot90(plane, 3).T])])
+def test_test_time_augmentation_makes_embeddings_invariant(tiny_screen, tiny_model, augmentation, turns):
+    from cdcl_hf.screen_data import dataset_from_arrays
+
+    dataset, images = tiny_screen
+    metadata = dataset.remove_columns(["image", "channel_names"]).to_pandas()
+    as_stored = extract_embeddings(tiny_model, dataset, device="cpu", progress=False,
+                                   test_time_augmentation=augmentation)
+    plain = extract_embeddings(tiny_model, dataset, device="cpu", progress=False)
+    features = feature_columns(plain)
+    # The model alone is not invariant: without the augmentation a mirrored screen embeds differently.
+    mirrored = dataset_from_arrays(np.ascontiguousarray(images[..., ::-1]), metadata)
+    assert not np.allclose(extract_embeddings(tiny_model, mirrored, device="cpu", progress=False)[features],
+                           plain[features], atol=1e-3)
+    for turn in turns:
+        moved = np.stack([np.stack([np.ascontiguousarray(turn(plane)) for plane in image]) for image in images])
+        augmented = extract_embeddings(tiny_model, dataset_from_arrays(moved, metadata), device="cpu", progress=False,
+                                       test_time_augmentation=augmentation)
+        np.testing.assert_allclose(augmented[features], as_stored[features], atol=1e-5)
+
+
+def test_symmetry_views_are_the_group_and_refuse_what_they_cannot_do():
+    from cdcl_hf.embedding import augmented_embedding, symmetry_views
+
+    image = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    assert [len(symmetry_views(image, a)) for a in ("none", "flips", "dihedral")] == [1, 4, 8]
+    distinct = {tuple(view[0, 0].flatten().tolist()) for view in symmetry_views(image, "dihedral")}
+    assert len(distinct) == 8
+    with pytest.raises(ValueError, match="square"):
+        symmetry_views(torch.zeros(1, 3, 4, 6), "dihedral")
+    assert len(symmetry_views(torch.zeros(1, 3, 4, 6), "flips")) == 4
+    with pytest.raises(ValueError, match="one of"):
+        symmetry_views(image, "rotations")
+    # Each image's embedding is the mean over its own views, not mixed with the batch's other images.
+    views = symmetry_views(image, "flips")
+    mean_pool = lambda pixel_values: pixel_values.mean(dim=(2, 3))  # noqa: E731
+    expected = torch.stack([mean_pool(view) for view in views]).mean(0)
+    torch.testing.assert_close(augmented_embedding(mean_pool, image, "flips"),
+                               expected)
+    first_pixel = lambda pixel_values: pixel_values[:, :, 0, 0]  # noqa: E731
+    corners = augmented_embedding(first_pixel, image, "flips")
+    torch.testing.assert_close(corners[1], torch.stack([view[1, :, 0, 0] for view in views]).mean(0))
+
+
 def test_channel_mismatch_is_a_clear_error(tiny_screen, tiny_model):
     from cdcl_hf import CDCLConfig, CDCLImageProcessor, CDCLModel
 

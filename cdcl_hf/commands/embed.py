@@ -44,7 +44,7 @@ import transformers
 # Importing the package (this module's parent) registered the CDCL classes with the Auto classes.
 from cdcl_hf import CDCLConfig, CDCLImageProcessor, CDCLModel, __version__
 from cdcl_hf.cli import CommandParser, add_debug_argument, command_errors, positive_int
-from cdcl_hf.embedding import pooled_embedding
+from cdcl_hf.embedding import TEST_TIME_AUGMENTATIONS, augmented_embedding
 from cdcl_hf.image_io import CHANNEL_AXES, ChannelAxis, read_image, to_channels_first
 from cdcl_hf.outputs import OutputSafetyError, remove_stale_temporaries, temporary_prefix
 from cdcl_hf.profiling import (
@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="axis of the channels in multi-channel files (auto: the short one)")
     parser.add_argument("--batch_size", type=positive_int, default=32, help="images per forward pass (default: 32)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--test_time_augmentation", choices=TEST_TIME_AUGMENTATIONS, default="none",
+                        help="average each image's embedding over its mirrored (flips: 4 views) or also quarter-turned "
+                             "(dihedral: 8) copies")
     parser.add_argument("--output", type=Path,
                         help="where to write the embeddings: .parquet (a `file` column + emb_* columns) or .npy "
                              "(+ <name>.files.csv naming each row's file); other names get .npy appended")
@@ -134,6 +137,7 @@ def embed_images(
     processor,
     images: Iterable[tuple[str, np.ndarray]],
     batch_size: int = 32,
+    test_time_augmentation: str = "none",
 ) -> Iterator[np.ndarray]:
     """Pooled embeddings of ``images``, one batch at a time, without gradients.
 
@@ -148,6 +152,9 @@ def embed_images(
             (name, (C, H, W) pixels) pairs, e.g. from :func:`read_images`; the name goes into error messages.
         batch_size (`int`, defaults to 32):
             Images per forward pass.
+        test_time_augmentation (`str`, defaults to `"none"`):
+            ``"flips"`` or ``"dihedral"``: each embedding is the mean over the image's mirrored (and quarter-turned)
+            copies (:func:`cdcl_hf.embedding.symmetry_views`), all in the same forward pass.
 
     Yields:
         `np.ndarray`: (images in the batch, dim) float32 embeddings.
@@ -163,8 +170,8 @@ def embed_images(
 
     def forward(pixels: list[torch.Tensor]) -> np.ndarray:
         with torch.inference_mode():
-            output = model(pixel_values=torch.cat(pixels).to(device))
-        return pooled_embedding(output).float().cpu().numpy()
+            embeddings = augmented_embedding(model, torch.cat(pixels).to(device), test_time_augmentation)
+        return embeddings.float().cpu().numpy()
 
     names: list[str] = []
     pixels: list[torch.Tensor] = []
@@ -413,8 +420,8 @@ def run(args: argparse.Namespace) -> tuple[int, int, Path | None]:
     images = _in_model_order(images, model, processor, args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
-    rows, dim = write_embeddings(embed_images(model, processor, images, args.batch_size), files, output,
-                                 model=None if args.demo else str(args.model))
+    embeddings = embed_images(model, processor, images, args.batch_size, args.test_time_augmentation)
+    rows, dim = write_embeddings(embeddings, files, output, model=None if args.demo else str(args.model))
     return rows, dim, output
 
 

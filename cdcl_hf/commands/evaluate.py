@@ -49,6 +49,7 @@ from ..cli import (
     positive_float,
     positive_int,
 )
+from ..embedding import TEST_TIME_AUGMENTATIONS
 from ..image_io import decode_image
 from ..metrics import evaluate_profiles, reference_note, results_markdown_table
 from ..normalization import PLATE_STATISTICS_SOURCES, PlateNormalization
@@ -131,6 +132,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     extraction.add_argument("--tile_size", type=positive_int, default=None,
                             help="embed tiles of this size and average them")
     extraction.add_argument("--tile_stride", type=positive_int, default=None)
+    extraction.add_argument(
+        "--test_time_augmentation", choices=TEST_TIME_AUGMENTATIONS, default="none",
+        help="average each image's embedding over its mirrored (flips: 4 views) or also quarter-turned (dihedral: 8) "
+             "copies; cells have no preferred orientation",
+    )
     extraction.add_argument("--max_images", type=positive_int, default=None, help="evaluate only the first N images")
     extraction.add_argument(
         "--plate_normalization", choices=PLATE_STATISTICS_SOURCES, default="controls",
@@ -315,6 +321,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         model, first_n(screen, args.max_images), processor, batch_size=args.batch_size, device=args.device,
         tile_size=args.tile_size, tile_stride=args.tile_stride, progress=not args.no_progress,
         normalization=normalization, channel_map=channel_map, channel_order=args.channel_order,
+        test_time_augmentation=args.test_time_augmentation,
     )
     wells = None
     profiles = images
@@ -335,7 +342,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "dataset": str(args.dataset_name),
         "split": args.split,
         "settings": {key: getattr(args, key) for key in (
-            "profile_level", "aggregate", "correction", "per_plate", "tile_size", "tile_stride",
+            "profile_level", "aggregate", "correction", "per_plate", "tile_size", "tile_stride", "test_time_augmentation",
             "knn_k", "knn_temperature", "null_size", "missing_moa", "seed", "max_images", "dataset_revision",
             "streaming", "column_map", "channel_map", "channel_order", "allow_default_processor")},
         # What the images were normalised with: "per_plate:controls|all" or the processor's own rule.
