@@ -234,7 +234,7 @@ def metric_record(metric: dict) -> dict:
     record = {"value": metric["value"] if metric["defined"] else None, "n": metric["n"], "unit": metric.get("unit"),
               "defined": metric["defined"], "informative": metric.get("informative", metric["defined"]),
               "reason": metric.get("reason")}
-    for key in ("chance", "no_batch_value", "permutation_null", "z_vs_null"):
+    for key in ("chance", "no_batch_value", "permutation_null", "z_vs_null", "p_vs_null"):
         if details.get(key) is not None:
             record[key] = details[key]
     return record
@@ -529,24 +529,36 @@ CONTROLS_BATCH_METRICS = ("batch_classification_controls", "silhouette_batch_con
 
 
 def z_vs_null(records: list[dict], key: str) -> dict:
-    """{method: {metric: mean +- sd over seeds of (value - shuffled-batch null mean) / null sd}} where recorded."""
+    """{method: {metric: mean +- sd over seeds of (value - shuffled-batch null mean) / null sd, and each seed's
+    permutation p-value under `p_per_seed`}} where recorded."""
     table = {}
     for method in ROWS:
         per_metric = {}
         for name in CONTROLS_BATCH_METRICS:
-            per_seed = {}
+            per_seed, p_per_seed = {}, {}
             for r in records:
                 if r["method"] != method:
                     continue
                 for e in r["evaluations"]:
-                    z = e["metrics"].get(name, {}).get("z_vs_null") if e["summary_key"] == key else None
-                    if z is not None:
-                        per_seed[r["seed"]] = z
+                    metric = e["metrics"].get(name, {}) if e["summary_key"] == key else {}
+                    if metric.get("z_vs_null") is not None:
+                        per_seed[r["seed"]] = metric["z_vs_null"]
+                    if metric.get("p_vs_null") is not None:
+                        p_per_seed[r["seed"]] = metric["p_vs_null"]
             if per_seed:
                 per_metric[name] = {**mean_std(list(per_seed.values())), "per_seed": per_seed}
+                if p_per_seed:
+                    per_metric[name]["p_per_seed"] = p_per_seed
         if per_metric:
             table[method] = per_metric
     return table
+
+
+def z_cell(stats: dict | None) -> str:
+    """A z table cell: mean +- sd of z over seeds, then the seeds' permutation p-values."""
+    p_values = (stats or {}).get("p_per_seed")
+    text = fmt(stats)
+    return text if not p_values else f"{text} (p {'/'.join(f'{p:.2f}' for _, p in sorted(p_values.items()))})"
 
 
 def summarise(records: list[dict], args) -> dict:
@@ -664,10 +676,13 @@ def markdown(result: dict, args) -> str:
             lines += ["", "Batch on the controls against shuffled batch labels: z = (value - mean of the score with "
                       "the controls' batch labels shuffled) / its sd; |z| < 2 is no batch signal the controls can show. "
                       "Signs as the scores: batch clf z > 0 and silhouette / kBET / iLISI z < 0 mean batch is "
-                      "present.", "", "| method | " + " | ".join(CONTROLS_BATCH_METRICS) + " |",
+                      "present. In parentheses, each seed's one-sided permutation p-value (the share of shuffles "
+                      "showing at least as much batch; floor 1 / (1 + shuffles)): on few controls the null is discrete "
+                      "and lopsided, so a large |z| can rest on a few neighbourhoods.", "",
+                      "| method | " + " | ".join(CONTROLS_BATCH_METRICS) + " |",
                       "|---|" + "---|" * len(CONTROLS_BATCH_METRICS)]
             for method, per_metric in z_table.items():
-                lines.append(f"| {method} | " + " | ".join(fmt(per_metric.get(n)) for n in CONTROLS_BATCH_METRICS)
+                lines.append(f"| {method} | " + " | ".join(z_cell(per_metric.get(n)) for n in CONTROLS_BATCH_METRICS)
                              + " |")
         lines.append("")
     lines += ["## Training health (final logged step)", "",

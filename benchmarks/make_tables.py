@@ -217,6 +217,12 @@ def _mean_sd(stats: dict | None, informative: bool = True) -> str:
     return text if informative else f"({text})"
 
 
+def _z_with_p(stats: dict | None) -> str:
+    p_values = (stats or {}).get("p_per_seed")
+    text = _mean_sd(stats)
+    return text if not p_values else f"{text} (p {'/'.join(f'{p:.2f}' for _, p in sorted(p_values.items()))})"
+
+
 def bbbc021_quality_table(result: dict | None) -> str:
     """The README's "Quality on real BBBC021 crops" table from methods_bbbc021.json (a line when there is none,
     or only a quick run's)."""
@@ -257,12 +263,14 @@ def bbbc021_quality_table(result: dict | None) -> str:
                            if e.get("summary_key") == correction and "ilisi_controls" in e["metrics"]), "?")
         lines += ["", f"Batch on the {n_controls} control wells against the same scores with their batch labels "
                   "shuffled (z = (value − shuffled mean) / shuffled sd, mean ± sd over seeds; |z| < 2: no batch "
-                  "signal the controls can show; batch clf z > 0 or kBET / iLISI z < 0 beyond that: batch present):",
+                  "signal the controls can show; batch clf z > 0 or kBET / iLISI z < 0 beyond that: batch present; "
+                  "in parentheses each seed's permutation p-value, the share of shuffles with at least as much "
+                  "batch):",
                   "", "| method | " + " | ".join(title for _, title in BBBC021_Z_COLUMNS) + " |",
                   "|---|" + "---|" * len(BBBC021_Z_COLUMNS)]
         for method, label in BBBC021_ROWS:
             if method in z_table:
-                lines.append(f"| {label} | " + " | ".join(_mean_sd(z_table[method].get(name))
+                lines.append(f"| {label} | " + " | ".join(_z_with_p(z_table[method].get(name))
                                                         for name, _ in BBBC021_Z_COLUMNS) + " |")
     heldout = next((key for key in result["summary"] if key.startswith(f"{correction}, ")), None)
     if heldout:

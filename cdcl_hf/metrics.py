@@ -79,8 +79,9 @@ class MetricResult:
             read the main value. `details["chance"]` is what a profile without the signal scores
             (majority-class rate, random-candidate rate, 0 for a silhouette) and
             `details["no_batch_value"]` what perfectly mixed batches score, where one exists; batch
-            scores on the controls add `details["permutation_null"]` / `details["z_vs_null"]` (what they
-            give with the batch labels shuffled, see `permutation_null`).
+            scores on the controls add `details["permutation_null"]`, `details["z_vs_null"]` and
+            `details["p_vs_null"]` (what they give with the batch labels shuffled, see `permutation_null`
+            and `permutation_p_value`).
         informative (`bool`, *optional*, defaults to `True`):
             Whether the value says what the metric is meant to say on this screen. `False` for a value
             that is computed but cannot be read as the metric (its reference set lacks most queries'
@@ -1198,7 +1199,7 @@ EQUIDISTANT_SPREAD = 1e-3
 # Batch scores on at most this many control profiles get a permutation null (`permutation_null`); on more, the
 # analytic no-batch value is close and the shuffles would dominate the evaluation's time.
 MAX_PERMUTATION_NULL_PROFILES = 1000
-PERMUTATION_NULL_SIZE = 20
+PERMUTATION_NULL_SIZE = 50
 
 
 def permutation_null(
@@ -1224,15 +1225,29 @@ def permutation_null(
             The seed of the shuffles.
 
     Returns:
-        `dict` with `mean`, `sd` (sample) and `n_permutations` (the shuffles the metric was defined on), or `None`
-        when it was defined on fewer than two.
+        `dict` with `mean`, `sd` (sample), `n_permutations` (the shuffles the metric was defined on) and `values`
+        (the score under each of them), or `None` when it was defined on fewer than two.
     """
     rng = np.random.default_rng(seed)
     values = [result.value for result in (score(rng.permutation(batches)) for _ in range(n_permutations))
               if result.defined and result.value is not None and np.isfinite(result.value)]
     if len(values) < 2:
         return None
-    return {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)), "n_permutations": len(values)}
+    return {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)), "n_permutations": len(values),
+            "values": [float(v) for v in values]}
+
+
+def permutation_p_value(value: float, null: dict[str, Any], batch_when_higher: bool) -> float:
+    """One-sided permutation p-value of a batch score: (1 + shuffles that show at least as much batch as `value`)
+    / (1 + shuffles), ties counted as at least as much.
+
+    On few controls a score's null is discrete and lopsided (kBET on 56 controls accepts almost every shuffle), so
+    its sd is tiny and a z-score overstates a handful of rejected neighbourhoods; the p-value does not assume a
+    shape. Its floor is 1 / (1 + `n_permutations`).
+    """
+    shuffled = np.asarray(null["values"])
+    as_much = shuffled >= value if batch_when_higher else shuffled <= value
+    return float((1 + as_much.sum()) / (1 + len(shuffled)))
 
 
 def _controls_batch_metrics(
@@ -1267,6 +1282,8 @@ def _controls_batch_metrics(
             if null is not None:
                 result.details["permutation_null"] = null
                 result.details["z_vs_null"] = (result.value - null["mean"]) / null["sd"] if null["sd"] > 0 else None
+                result.details["p_vs_null"] = permutation_p_value(
+                    result.value, null, batch_when_higher=not HIGHER_IS_BETTER[name])
     # One label (the controls): its n is the profiles it averages over, like the other controls-only scores.
     results["silhouette_batch_controls"].n = int(is_control.sum())
     results["silhouette_batch_controls"].unit = "profiles"
@@ -1503,7 +1520,8 @@ def reference_note(details: dict[str, Any]) -> str:
         parts.append(f"no batch {details['no_batch_value']:.3f}")
     null = details.get("permutation_null")
     if null is not None:
-        parts.append(f"shuffled batches {null['mean']:.3f} ± {null['sd']:.3f}")
+        p_value = f", p {details['p_vs_null']:.3f}" if details.get("p_vs_null") is not None else ""
+        parts.append(f"shuffled batches {null['mean']:.3f} ± {null['sd']:.3f}{p_value}")
     return ", ".join(parts)
 
 

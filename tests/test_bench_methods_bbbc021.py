@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cdcl_hf.metrics import PERMUTATION_NULL_SIZE
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_methods_bbbc021.py"
 ROWS = ("untrained", "dino", "dino-cb", "cdcl", "intensity_stats", "pooled_pixels", "cellprofiler")
@@ -104,10 +106,13 @@ def test_quick_run_has_every_row_and_sane_metrics(quick_run):
         assert 95 <= metrics["nsc"]["n"] <= 103 and 80 <= metrics["nscb"]["n"] <= 92, run["method"]
         assert "chance" in metrics["nsc"] and "no_batch_value" in metrics["ilisi_controls"]
         # The controls' batch scores carry their shuffled-batch null (56 controls: under the size cap).
-        assert metrics["ilisi_controls"]["permutation_null"]["n_permutations"] == 20
+        assert metrics["ilisi_controls"]["permutation_null"]["n_permutations"] == PERMUTATION_NULL_SIZE
+        assert 0 < metrics["kbet_controls"]["p_vs_null"] <= 1
         assert math.isfinite(metrics["batch_classification_controls"]["z_vs_null"])
     z_table = result["summary"]["none"]["z_vs_null"]
     assert set(z_table) == set(ROWS) and "Batch on the controls against shuffled batch labels" in md
+    assert set(z_table["cdcl"]["kbet_controls"]["p_per_seed"]) == set(z_table["cdcl"]["kbet_controls"]["per_seed"])
+    assert "(p " in md
     # The trained models ran the preset with the quick step cap; untrained is the step-1 teacher.
     steps = {r["method"]: r["training"]["final_step"] for r in result["runs"] if r["kind"] == "trained"}
     assert steps == {"untrained": 1, "dino": 6, "dino-cb": 6, "cdcl": 6}

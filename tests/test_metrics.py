@@ -388,11 +388,17 @@ def test_controls_batch_scores_come_with_their_permutation_null(monkeypatch):
              "kbet_controls", "ilisi_controls")
     for name in names:
         null = clean[name].details["permutation_null"]
-        assert null["n_permutations"] == 20 and null["sd"] > 0, name
+        assert null["n_permutations"] == metrics.PERMUTATION_NULL_SIZE == len(null["values"]) and null["sd"] > 0, name
         assert abs(clean[name].details["z_vs_null"]) < 3, (name, clean[name].details["z_vs_null"])
+        assert clean[name].details["p_vs_null"] > 0.05, (name, clean[name].details["p_vs_null"])
         assert "shuffled batches" in reference_note(clean[name].details)
+        assert "p " in reference_note(clean[name].details)
     assert shifted["batch_classification_controls"].details["z_vs_null"] > 5
     assert shifted["kbet_controls"].details["z_vs_null"] < -5 and shifted["ilisi_controls"].details["z_vs_null"] < -5
+    # A real batch effect is more batch-like than every shuffle: the p-value's floor.
+    floor = 1 / (1 + metrics.PERMUTATION_NULL_SIZE)
+    for name in ("batch_classification_controls", "kbet_controls", "ilisi_controls"):
+        assert shifted[name].details["p_vs_null"] == pytest.approx(floor), name
     # The same call twice gives the same null (seeded shuffles).
     again = evaluate_profiles(synthetic_screen(batch_shift=0.0), null_size=100)
     assert again["ilisi_controls"].details["permutation_null"] == clean["ilisi_controls"].details["permutation_null"]
@@ -407,6 +413,16 @@ def test_controls_batch_scores_come_with_their_permutation_null(monkeypatch):
     monkeypatch.setattr(metrics, "MAX_PERMUTATION_NULL_PROFILES", 10)
     capped = evaluate_profiles(synthetic_screen(batch_shift=0.0), null_size=100)
     assert all("permutation_null" not in capped[name].details for name in names)
+
+
+def test_permutation_p_value_counts_ties_and_follows_the_batch_direction():
+    null = {"values": [1.0, 1.0, 0.98, 0.96, 1.0]}
+    # kBET (higher = better mixed): 0.96 is matched by one shuffle, 0.9 by none.
+    assert metrics.permutation_p_value(0.96, null, batch_when_higher=False) == pytest.approx(2 / 6)
+    assert metrics.permutation_p_value(0.9, null, batch_when_higher=False) == pytest.approx(1 / 6)
+    assert metrics.permutation_p_value(1.0, null, batch_when_higher=False) == pytest.approx(1.0)
+    # Classification accuracy (higher = more batch): the direction flips.
+    assert metrics.permutation_p_value(0.99, null, batch_when_higher=True) == pytest.approx(4 / 6)
 
 
 def test_too_few_or_whitened_controls_are_flagged_not_informative():
