@@ -9,13 +9,23 @@ weights excluded, counted by a dispatch mode) and MFU = forward FLOPs (torch.uti
 matmul peak measured in the same run.
 
 Run: python benchmarks/bench_inference.py [--quick] [--out FILE]
+
+`--compiled` instead times `torch.compile(model, dynamic=True)` with inductor's weight freezing (the CPU inference
+setting) of CDCLModel and ViTModel against both eager, interleaved, at a few points, the process pinned to one core.
+With dynamic shapes the frozen linears run oneDNN's kernel (`mkldnn::_linear_pointwise`); with static shapes they run
+MKL's packed GEMM, as fast as eager on an AMD CPU, where MKL takes its AVX2 code (see `common.matmul_peak_flops`). The
+kernel that ran is recorded per point (the op with the most CPU time in a profiled forward). Writes
+results/inference_compiled.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -28,6 +38,7 @@ from common import (  # noqa: E402
     interleaved,
     machine,
     matmul_peak_flops,
+    ratios,
     summary,
     write_result,
 )
@@ -74,16 +85,18 @@ def peak_memory(model: torch.nn.Module, pixel_values: torch.Tensor) -> int:
     return tracker.peak
 
 
+def forward_runner(model: torch.nn.Module, pixel_values: torch.Tensor):
+    """A no-argument callable: one inference-mode forward of ``model`` on ``pixel_values`` (what `interleaved` times)."""
+    def run():
+        with torch.inference_mode():
+            model(pixel_values)
+    return run
+
+
 def bench_point(models, image_size, batch, channels, repeats) -> dict:
     pixel_values = torch.randn(batch, channels, image_size, image_size)
-
-    def runner(model):
-        def run():
-            with torch.inference_mode():
-                model(pixel_values)
-        return run
-
-    times = interleaved({name: runner(m) for name, m in models.items()}, repeats=repeats, warmup=1)
+    times = interleaved({name: forward_runner(m, pixel_values) for name, m in models.items()}, repeats=repeats,
+                        warmup=1)
     out = {"image_size": image_size, "batch": batch, "models": {}}
     for name, model in models.items():
         flops = forward_flops(model, pixel_values)
@@ -122,6 +135,61 @@ def profile_tables(image_size: int, batch: int, attn: str, channels: int, dims: 
     return "\n".join(out)
 
 
+def busiest_op(model: torch.nn.Module, pixel_values: torch.Tensor) -> str:
+    """The op with the most self CPU time in one profiled inference forward of ``model``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(pixel_values)
+    return max(prof.key_averages(), key=lambda event: event.self_cpu_time_total).key
+
+
+COMPILED_POINTS = ("224,1,sdpa", "224,8,sdpa", "96,1,sdpa", "96,32,sdpa")
+
+
+def bench_compiled(points: list[str], channels: int, dims: dict, repeats: int) -> list[dict]:
+    """Eager vs `torch.compile` (frozen weights) for CDCLModel and ViTModel, interleaved, per SIZE,BATCH,ATTN."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True
+    results = []
+    for point in points:
+        size, batch, attn = point.split(",")
+        size, batch = int(size), int(batch)
+        eager = {name: model for name, model in build_models(size, channels, attn, dims).items() if name != "dinov2"}
+        pixel_values = torch.randn(batch, channels, size, size)
+        arms, compile_s, max_abs_diff = dict(eager), {}, {}
+        linear_kernel = {}
+        for name, model in eager.items():
+            compiled = torch.compile(model, dynamic=True)
+            start = time.perf_counter()
+            with torch.inference_mode():
+                out = compiled(pixel_values).last_hidden_state
+                compile_s[name] = round(time.perf_counter() - start, 1)
+                reference = model(pixel_values).last_hidden_state
+            max_abs_diff[name] = float((out - reference).abs().max())
+            linear_kernel[name] = busiest_op(compiled, pixel_values)
+            arms[f"{name}_compiled"] = compiled
+        times = interleaved({name: forward_runner(m, pixel_values) for name, m in arms.items()}, repeats=repeats,
+                            warmup=1)
+        speedups = {
+            "cdcl_compiled_vs_cdcl": ratios(times, "cdcl", "cdcl_compiled"),
+            "vit_compiled_vs_vit": ratios(times, "vit", "vit_compiled"),
+            "cdcl_compiled_vs_vit_compiled": ratios(times, "vit_compiled", "cdcl_compiled"),
+            "cdcl_compiled_vs_vit": ratios(times, "vit", "cdcl_compiled"),
+        }
+        results.append({
+            "image_size": size, "batch": batch, "attn_implementation": attn,
+            "images_per_s": {name: summary([batch / t for t in ts], 2) for name, ts in times.items()},
+            "speedup": {name: summary(values, 3) for name, values in speedups.items()},
+            "compile_s": compile_s, "max_abs_diff_compiled_vs_eager": max_abs_diff,
+            "busiest_op_compiled": linear_kernel,
+        })
+        print(f"compiled {point}: " + ", ".join(f"{k} {v['median']:.3f}" for k, v in results[-1]["speedup"].items()),
+              flush=True)
+    return results
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smoke run (small model, few points)")
@@ -129,7 +197,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--profile", default=None, metavar="SIZE,BATCH,ATTN",
                         help="instead: write torch.profiler tables of one point (e.g. 224,1,sdpa) to results/")
+    parser.add_argument("--compiled", nargs="*", default=None, metavar="SIZE,BATCH,ATTN",
+                        help="instead: eager vs torch.compile at these points (default: "
+                             f"{' '.join(COMPILED_POINTS)}; --quick: 64,2,sdpa), one core; writes "
+                             "results/inference_compiled.json unless --out is given")
     args = parser.parse_args(argv)
+    if args.compiled is not None:
+        out = args.out if args.out != parser.get_default("out") else str(RESULTS_DIR / "inference_compiled.json")
+        compiler = os.environ.get("CXX", "g++")
+        if shutil.which(compiler) is None:  # inductor's CPU code needs one; without it there is nothing to measure
+            write_result({"benchmark": "inference: torch.compile vs eager", "quick": args.quick, "machine": machine(),
+                          "skipped": f"no C++ compiler ({compiler}) for inductor's CPU code", "points": []}, out)
+            return
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        dims = {**VIT_S16, "num_hidden_layers": 2} if args.quick else VIT_S16
+        points = args.compiled or (["64,2,sdpa"] if args.quick else list(COMPILED_POINTS))
+        repeats = args.repeats or (3 if args.quick else 12)
+        write_result({
+            "benchmark": "inference: torch.compile (inductor, frozen weights) vs eager, CDCLModel and ViTModel, "
+                         "fp32 CPU, one core",
+            "quick": args.quick, "machine": machine(), "dims": dims, "channels": 5, "repeats": repeats,
+            "points": bench_compiled(points, 5, dims, repeats),
+        }, out)
+        return
     if args.profile:
         size, batch, attn = args.profile.split(",")
         text = profile_tables(int(size), int(batch), attn, 5, VIT_S16)

@@ -33,6 +33,9 @@ def _machine(result: dict) -> str:
             f"threads, torch {m.get('torch', '?')}, transformers {m.get('transformers', '?')}, {m.get('device', 'cpu')}")
     if peak:
         text += f"; fp32 matmul peak measured in the run: {peak / 1e9:.0f} GFLOP/s"
+        kernels = result["matmul_peak"].get("best_by_kernel")
+        if kernels:
+            text += " (best of " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in kernels.items()) + ")"
     return text + (" — **quick (smoke) run**" if result.get("quick") else "")
 
 
@@ -54,6 +57,30 @@ def inference_table(result: dict) -> str:
             f"| {_spread(p['speedup_vs_dinov2'])} | {_spread(m['cdcl']['mfu'])} "
             f"| {m['cdcl']['peak_activation_mib']:.1f} / {m['vit']['peak_activation_mib']:.1f} / "
             f"{m['dinov2']['peak_activation_mib']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def compiled_inference_table(result: dict) -> str:
+    if result.get("skipped"):
+        return f"**`torch.compile` on the CPU**: not measured ({result['skipped']})."
+    lines = [
+        f"**`torch.compile` on the CPU** (`dynamic=True`, inductor with frozen weights; ViT-S/16 dims, fp32, one core "
+        "pinned; "
+        f"{_machine(result)}). Speed-up = eager time ÷ compiled time, median (min–max) of {result['repeats']} "
+        "interleaved repeats of the four models.",
+        "",
+        "| attention | size | batch | CDCL compiled vs eager | ViTModel compiled vs eager | CDCL compiled vs ViTModel "
+        "compiled | CDCL compiled vs ViTModel eager | compile s (CDCL) | linear kernel (compiled) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in result["points"]:
+        x = p["speedup"]
+        lines.append(
+            f"| {p['attn_implementation']} | {p['image_size']} | {p['batch']} | {_spread(x['cdcl_compiled_vs_cdcl'])} "
+            f"| {_spread(x['vit_compiled_vs_vit'])} | {_spread(x['cdcl_compiled_vs_vit_compiled'])} "
+            f"| {_spread(x['cdcl_compiled_vs_vit'])} | {p['compile_s']['cdcl']:.0f} "
+            f"| `{p.get('busiest_op_compiled', {}).get('cdcl', '?')}` |"
         )
     return "\n".join(lines)
 
@@ -319,7 +346,8 @@ def update_readme(folder: str | Path, readme: str | Path = README) -> list[str]:
 def tables(folder: str | Path) -> str:
     folder = Path(folder)
     sections = []
-    for name, render in (("inference", inference_table), ("training_step", training_table),
+    for name, render in (("inference", inference_table), ("inference_compiled", compiled_inference_table),
+                         ("training_step", training_table),
                          ("data_path", data_path_table), ("pairing", pairing_table),
                          ("gpu", gpu_table)):
         result = _load(folder, name)

@@ -17,7 +17,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
-BENCHMARKS = ("inference", "training_step", "data_path", "pairing", "gpu")
+BENCHMARKS = ("inference", "inference_compiled", "training_step", "data_path", "pairing", "gpu")
+# Benchmarks that are a mode of another script: name -> (script's bench_<name>.py, its extra arguments).
+MODES = {"inference_compiled": ("inference", ["--compiled"])}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         if name == "gpu" and not args.quick and not _cuda_available():
             print("== gpu: skipped (no CUDA device; `--quick` runs its smoke test on the CPU)", flush=True)
             continue
-        command = [sys.executable, str(HERE / f"bench_{name}.py"), "--out", str(args.out_dir / f"{name}.json")]
+        script, extra = MODES.get(name, (name, []))
+        command = [sys.executable, str(HERE / f"bench_{script}.py"), *extra, "--out", str(args.out_dir / f"{name}.json")]
         if args.quick:
             command.append("--quick")
         start = time.perf_counter()

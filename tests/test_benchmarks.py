@@ -30,7 +30,7 @@ def test_run_all_quick_writes_well_formed_results(tmp_path):
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     written = {p.stem for p in tmp_path.glob("*.json")}
-    assert written == {"inference", "training_step", "data_path", "pairing", "gpu"}, written
+    assert written == {"inference", "inference_compiled", "training_step", "data_path", "pairing", "gpu"}, written
 
     inference = json.loads((tmp_path / "inference.json").read_text())
     _check_machine(inference)
@@ -44,6 +44,16 @@ def test_run_all_quick_writes_well_formed_results(tmp_path):
         assert len(flops) == 1 and flops.pop() > 0  # identical dimensions: identical FLOPs
         for model in point["models"].values():
             assert _is_spread(model["mfu"]) and _is_spread(model["images_per_s"]) and model["peak_activation_mib"] > 0
+
+    compiled = json.loads((tmp_path / "inference_compiled.json").read_text())
+    _check_machine(compiled)
+    if not compiled.get("skipped"):  # inductor needs a C++ compiler
+        (point,) = compiled["points"]
+        assert set(point["images_per_s"]) == {"cdcl", "vit", "cdcl_compiled", "vit_compiled"}
+        assert all(_is_spread(s) for s in point["speedup"].values()) and len(point["speedup"]) == 4
+        # Compiled and eager compute the same embeddings.
+        assert max(point["max_abs_diff_compiled_vs_eager"].values()) < 1e-4
+        assert "`torch.compile` on the CPU" in done.stdout
 
     training = json.loads((tmp_path / "training_step.json").read_text())
     _check_machine(training)
