@@ -144,11 +144,13 @@ def busiest_op(model: torch.nn.Module, pixel_values: torch.Tensor) -> str:
     return max(prof.key_averages(), key=lambda event: event.self_cpu_time_total).key
 
 
-COMPILED_POINTS = ("224,1,sdpa", "224,8,sdpa", "96,1,sdpa", "96,32,sdpa")
+COMPILED_POINTS = tuple(f"{size},{batch},{attn}" for attn in ("sdpa", "eager") for size in (224, 96)
+                        for batch in (1, 8, 32))
 
 
-def bench_compiled(points: list[str], channels: int, dims: dict, repeats: int) -> list[dict]:
-    """Eager vs `torch.compile` (frozen weights) for CDCLModel and ViTModel, interleaved, per SIZE,BATCH,ATTN."""
+def bench_compiled(points: list[str], channels: int, dims: dict, repeats: int, peak_flops: float) -> list[dict]:
+    """Eager vs `torch.compile` (frozen weights) for CDCLModel and ViTModel, interleaved, per SIZE,BATCH,ATTN; MFU of
+    every arm against ``peak_flops`` (FLOPs counted on the eager model: compiling changes kernels, not the work)."""
     import torch._inductor.config as inductor_config
 
     inductor_config.freezing = True
@@ -156,6 +158,9 @@ def bench_compiled(points: list[str], channels: int, dims: dict, repeats: int) -
     for point in points:
         size, batch, attn = point.split(",")
         size, batch = int(size), int(batch)
+        # Every point compiles the same code objects again (the models' forwards); without a reset dynamo's
+        # recompile limit (8 per code object) is reached after a few points and the "compiled" arms run eagerly.
+        torch._dynamo.reset()
         eager = {name: model for name, model in build_models(size, channels, attn, dims).items() if name != "dinov2"}
         pixel_values = torch.randn(batch, channels, size, size)
         arms, compile_s, max_abs_diff = dict(eager), {}, {}
@@ -178,9 +183,12 @@ def bench_compiled(points: list[str], channels: int, dims: dict, repeats: int) -
             "cdcl_compiled_vs_vit_compiled": ratios(times, "vit_compiled", "cdcl_compiled"),
             "cdcl_compiled_vs_vit": ratios(times, "vit", "cdcl_compiled"),
         }
+        flops = {name: forward_flops(model, pixel_values) for name, model in eager.items()}
         results.append({
             "image_size": size, "batch": batch, "attn_implementation": attn,
             "images_per_s": {name: summary([batch / t for t in ts], 2) for name, ts in times.items()},
+            "mfu": {name: summary([flops[name.removesuffix("_compiled")] / t / peak_flops for t in ts], 3)
+                    for name, ts in times.items()},
             "speedup": {name: summary(values, 3) for name, values in speedups.items()},
             "compile_s": compile_s, "max_abs_diff_compiled_vs_eager": max_abs_diff,
             "busiest_op_compiled": linear_kernel,
@@ -198,8 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", default=None, metavar="SIZE,BATCH,ATTN",
                         help="instead: write torch.profiler tables of one point (e.g. 224,1,sdpa) to results/")
     parser.add_argument("--compiled", nargs="*", default=None, metavar="SIZE,BATCH,ATTN",
-                        help="instead: eager vs torch.compile at these points (default: "
-                             f"{' '.join(COMPILED_POINTS)}; --quick: 64,2,sdpa), one core; writes "
+                        help="instead: eager vs torch.compile at these points (default: the main run's 12; "
+                             "--quick: 64,2,sdpa), one core; writes "
                              "results/inference_compiled.json unless --out is given")
     args = parser.parse_args(argv)
     if args.compiled is not None:
@@ -215,11 +223,12 @@ def main(argv: list[str] | None = None) -> None:
         dims = {**VIT_S16, "num_hidden_layers": 2} if args.quick else VIT_S16
         points = args.compiled or (["64,2,sdpa"] if args.quick else list(COMPILED_POINTS))
         repeats = args.repeats or (3 if args.quick else 12)
+        peak = matmul_peak_flops()
         write_result({
             "benchmark": "inference: torch.compile (inductor, frozen weights) vs eager, CDCLModel and ViTModel, "
                          "fp32 CPU, one core",
-            "quick": args.quick, "machine": machine(), "dims": dims, "channels": 5, "repeats": repeats,
-            "points": bench_compiled(points, 5, dims, repeats),
+            "quick": args.quick, "machine": machine(), "matmul_peak": peak, "dims": dims, "channels": 5,
+            "repeats": repeats, "points": bench_compiled(points, 5, dims, repeats, peak["best_flops"]),
         }, out)
         return
     if args.profile:

@@ -71,16 +71,18 @@ def compiled_inference_table(result: dict) -> str:
         "interleaved repeats of the four models.",
         "",
         "| attention | size | batch | CDCL compiled vs eager | ViTModel compiled vs eager | CDCL compiled vs ViTModel "
-        "compiled | CDCL compiled vs ViTModel eager | compile s (CDCL) | linear kernel (compiled) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "compiled | CDCL compiled vs ViTModel eager | MFU CDCL compiled / eager | compile s (CDCL) "
+        "| linear kernel (compiled CDCL / ViTModel) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in result["points"]:
         x = p["speedup"]
         lines.append(
             f"| {p['attn_implementation']} | {p['image_size']} | {p['batch']} | {_spread(x['cdcl_compiled_vs_cdcl'])} "
             f"| {_spread(x['vit_compiled_vs_vit'])} | {_spread(x['cdcl_compiled_vs_vit_compiled'])} "
-            f"| {_spread(x['cdcl_compiled_vs_vit'])} | {p['compile_s']['cdcl']:.0f} "
-            f"| `{p.get('busiest_op_compiled', {}).get('cdcl', '?')}` |"
+            f"| {_spread(x['cdcl_compiled_vs_vit'])} | {p['mfu']['cdcl_compiled']['median']:.2f} / "
+            f"{p['mfu']['cdcl']['median']:.2f} | {p['compile_s']['cdcl']:.0f} "
+            f"| `{p['busiest_op_compiled']['cdcl']}` / `{p['busiest_op_compiled']['vit']}` |"
         )
     return "\n".join(lines)
 

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from sklearn.decomposition import PCA
 
-from .embedding import TEST_TIME_AUGMENTATIONS, augmented_embedding
+from .embedding import TEST_TIME_AUGMENTATIONS, augmented_embedding, compiled_for_inference
 from .image_io import decode_image
 from .normalization import PlateNormalization
 from .outputs import temporary_prefix
@@ -745,6 +745,7 @@ def extract_embeddings(
     channel_map: Mapping[str, str] | None = None,
     channel_order: Sequence[str | int] | None = None,
     test_time_augmentation: str = "none",
+    compile_model: bool = False,
 ) -> pd.DataFrame:
     """Embed every image of a screen dataset; one row per image, metadata as ``Metadata_*`` columns.
 
@@ -759,7 +760,9 @@ def extract_embeddings(
     (default: CUDA when available), in inference mode, with a tqdm progress bar (a streamed dataset has no length, so
     the bar only counts). ``test_time_augmentation`` (``"none"``, ``"flips"`` or ``"dihedral"``, see
     `cdcl_hf.embedding.symmetry_views`): each image's (or tile's) embedding is the mean over its mirrored / turned
-    copies, which all go through the model in the same forward pass.
+    copies, which all go through the model in the same forward pass. ``compile_model``: run the model through
+    `cdcl_hf.embedding.compiled_for_inference` (the same embeddings to float rounding, ~2x faster on an AMD CPU once
+    compiled).
 
     Channels: the screen's ``channel_names`` are checked against the model's (:func:`match_channels`): another
     count, or other names or order when both sides name them, raises ``ValueError`` naming both orders, unless
@@ -776,6 +779,7 @@ def extract_embeddings(
         )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
+    forward = compiled_for_inference(model) if compile_model else model
     total = len(dataset) if hasattr(dataset, "__len__") else None
 
     embeddings: list[np.ndarray] = []
@@ -817,7 +821,7 @@ def extract_embeddings(
                     for _ in tiles
                 ]
             pixel_values = _pixel_values(processor, flat_tiles, tile_plates, normalization).to(device)
-            tile_embeddings = _embed(model, pixel_values, test_time_augmentation)
+            tile_embeddings = _embed(forward, pixel_values, test_time_augmentation)
             start = 0
             for tiles in tiles_per_image:
                 embeddings.append(tile_embeddings[start : start + len(tiles)].mean(axis=0))

@@ -51,6 +51,8 @@ def test_run_all_quick_writes_well_formed_results(tmp_path):
         (point,) = compiled["points"]
         assert set(point["images_per_s"]) == {"cdcl", "vit", "cdcl_compiled", "vit_compiled"}
         assert all(_is_spread(s) for s in point["speedup"].values()) and len(point["speedup"]) == 4
+        assert set(point["mfu"]) == set(point["images_per_s"]) and all(_is_spread(s) for s in point["mfu"].values())
+        assert set(point["busiest_op_compiled"]) == {"cdcl", "vit"}
         # Compiled and eager compute the same embeddings.
         assert max(point["max_abs_diff_compiled_vs_eager"].values()) < 1e-4
         assert "`torch.compile` on the CPU" in done.stdout

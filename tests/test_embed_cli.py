@@ -70,6 +70,18 @@ def test_dihedral_test_time_augmentation_embeds_turned_images_alike(checkpoint, 
     np.testing.assert_allclose(dihedral[0], dihedral[1], atol=1e-5)
 
 
+def test_compile_without_a_compiler_is_one_clear_line(checkpoint, tmp_path, monkeypatch):
+    np.save(tmp_path / "a.npy", np.zeros((3, 32, 32), np.uint16))
+    monkeypatch.setenv("CXX", "no-such-c++-compiler")
+    with pytest.raises(SystemExit) as exit_:
+        embed.main(["--model", str(checkpoint), "--images", str(tmp_path / "a.npy"), "--output",
+                    str(tmp_path / "out.npy"), "--compile"])
+    line = str(exit_.value.code)  # a message as the exit code: printed on stderr, exit status 1
+    assert line.startswith("cdcl-embed: error:") and "C++ compiler" in line and "no-such-c++-compiler" in line
+    assert len(line.splitlines()) == 1
+    assert not (tmp_path / "out.npy").exists()
+
+
 def test_16_bit_png_pgm_and_per_channel_files_keep_their_values(checkpoint, tmp_path, capsys):
     image = np.random.default_rng(1).integers(0, 65536, size=(3, 40, 40), dtype=np.uint16)
     image[0, 0, 0], image[0, 0, 1] = 0, 65535

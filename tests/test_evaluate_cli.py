@@ -1,6 +1,8 @@
 """The evaluation command (training/evaluate_embeddings.py, cdcl-evaluate) end to end on the real BBBC021 crops, and the local `evaluate` metric module."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -148,11 +150,13 @@ def test_cli_streams_a_screen_with_its_own_column_names(
 def test_cli_averages_over_mirrored_copies_when_asked(crops_evaluation, tiny_checkpoint, bbbc021_crops_dataset,
                                                      tmp_path):
     cli = load_cli()
+    compile_model = ["--compile"] if shutil.which(os.environ.get("CXX", "g++")) else []
     report = cli.run(cli.parse_args(
         ["--model", str(tiny_checkpoint), "--dataset_name", str(bbbc021_crops_dataset), "--no_progress",
          "--output_dir", str(tmp_path / "out"), "--max_images", "32", "--profile_level", "image",
-         "--null_size", "50", "--test_time_augmentation", "flips"]))
+         "--null_size", "50", "--test_time_augmentation", "flips", *compile_model]))
     assert report["settings"]["test_time_augmentation"] == "flips"
+    assert report["settings"]["compile_model"] == bool(compile_model)
     augmented = pd.read_parquet(tmp_path / "out" / "profiles_image.parquet")
     plain = pd.read_parquet(crops_evaluation / "profiles_image.parquet").head(32)
     features = [c for c in plain if not c.startswith("Metadata_")]

@@ -1,5 +1,8 @@
 """Profiling: aggregation, correction, parquet round trip, embedding extraction."""
 
+import os
+import shutil
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -216,6 +219,22 @@ def test_test_time_augmentation_makes_embeddings_invariant(tiny_screen, tiny_mod
         augmented = extract_embeddings(tiny_model, dataset_from_arrays(moved, metadata), device="cpu", progress=False,
                                        test_time_augmentation=augmentation)
         np.testing.assert_allclose(augmented[features], as_stored[features], atol=1e-5)
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="inductor needs a C++ compiler")
+def test_compiled_extraction_gives_the_same_embeddings(tiny_screen, tiny_model):
+    dataset, _ = tiny_screen
+    before = {name: p.clone() for name, p in tiny_model.state_dict().items()}
+    eager = extract_embeddings(tiny_model, dataset, batch_size=2, device="cpu", progress=False)
+    # Batches of 2 and a last one of 1: the dynamic-shape graph serves both.
+    compiled = extract_embeddings(tiny_model, dataset, batch_size=2, device="cpu", progress=False, compile_model=True)
+    features = feature_columns(eager)
+    np.testing.assert_allclose(compiled[features], eager[features], atol=1e-4)
+    assert all(torch.equal(before[name], p) for name, p in tiny_model.state_dict().items())
+    # Freezing is on only while the compiled model runs.
+    import torch._inductor.config as inductor_config
+
+    assert not inductor_config.freezing
 
 
 def test_symmetry_views_are_the_group_and_refuse_what_they_cannot_do():

@@ -44,7 +44,7 @@ import transformers
 # Importing the package (this module's parent) registered the CDCL classes with the Auto classes.
 from cdcl_hf import CDCLConfig, CDCLImageProcessor, CDCLModel, __version__
 from cdcl_hf.cli import CommandParser, add_debug_argument, command_errors, positive_int
-from cdcl_hf.embedding import TEST_TIME_AUGMENTATIONS, augmented_embedding
+from cdcl_hf.embedding import TEST_TIME_AUGMENTATIONS, augmented_embedding, compiled_for_inference
 from cdcl_hf.image_io import CHANNEL_AXES, ChannelAxis, read_image, to_channels_first
 from cdcl_hf.outputs import OutputSafetyError, remove_stale_temporaries, temporary_prefix
 from cdcl_hf.profiling import (
@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test_time_augmentation", choices=TEST_TIME_AUGMENTATIONS, default="none",
                         help="average each image's embedding over its mirrored (flips: 4 views) or also quarter-turned "
                              "(dihedral: 8) copies")
+    parser.add_argument("--compile", dest="compile_model", action="store_true",
+                        help="torch.compile the model (dynamic shapes, frozen weights; needs a C++ compiler): ~2x "
+                             "faster on an AMD CPU once compiled, which takes tens of seconds; for many images")
     parser.add_argument("--output", type=Path,
                         help="where to write the embeddings: .parquet (a `file` column + emb_* columns) or .npy "
                              "(+ <name>.files.csv naming each row's file); other names get .npy appended")
@@ -138,6 +141,7 @@ def embed_images(
     images: Iterable[tuple[str, np.ndarray]],
     batch_size: int = 32,
     test_time_augmentation: str = "none",
+    compile_model: bool = False,
 ) -> Iterator[np.ndarray]:
     """Pooled embeddings of ``images``, one batch at a time, without gradients.
 
@@ -155,6 +159,8 @@ def embed_images(
         test_time_augmentation (`str`, defaults to `"none"`):
             ``"flips"`` or ``"dihedral"``: each embedding is the mean over the image's mirrored (and quarter-turned)
             copies (:func:`cdcl_hf.embedding.symmetry_views`), all in the same forward pass.
+        compile_model (`bool`, defaults to `False`):
+            Run the model through :func:`cdcl_hf.embedding.compiled_for_inference`.
 
     Yields:
         `np.ndarray`: (images in the batch, dim) float32 embeddings.
@@ -167,10 +173,11 @@ def embed_images(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     model.eval()
     device = next(model.parameters()).device
+    forward_model = compiled_for_inference(model) if compile_model else model
 
     def forward(pixels: list[torch.Tensor]) -> np.ndarray:
         with torch.inference_mode():
-            embeddings = augmented_embedding(model, torch.cat(pixels).to(device), test_time_augmentation)
+            embeddings = augmented_embedding(forward_model, torch.cat(pixels).to(device), test_time_augmentation)
         return embeddings.float().cpu().numpy()
 
     names: list[str] = []
@@ -420,7 +427,8 @@ def run(args: argparse.Namespace) -> tuple[int, int, Path | None]:
     images = _in_model_order(images, model, processor, args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
-    embeddings = embed_images(model, processor, images, args.batch_size, args.test_time_augmentation)
+    embeddings = embed_images(model, processor, images, args.batch_size, args.test_time_augmentation,
+                              args.compile_model)
     rows, dim = write_embeddings(embeddings, files, output, model=None if args.demo else str(args.model))
     return rows, dim, output
 
