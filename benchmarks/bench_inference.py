@@ -6,7 +6,8 @@ and pooled as it pools by default. Per (size, batch, attention implementation) t
 round-robin, `repeats` times; the ratio reported per point is `time(faster baseline) / time(CDCLModel)` per repeat
 (> 1: CDCLModel is faster), its median and spread. Also: images/s, peak activation memory (tensors alive at once,
 weights excluded, counted by a dispatch mode) and MFU = forward FLOPs (torch.utils.flop_counter) / time / the fp32
-matmul peak measured in the same run.
+matmul peak measured in the same run (the better of torch.mm and
+oneDNN's linear: `common.matmul_peak_flops`).
 
 Run: python benchmarks/bench_inference.py [--quick] [--out FILE]
 

@@ -12,7 +12,8 @@ it measures what `cdcl-train` runs. Per configuration (tiny preset on the real B
 and times `steps` steps of each, interleaved round-robin, `repeats` times; the ratios are per repeat.
 The split (decode, views = multi-crop augmentation, collate+pairing = rest of the loader, teacher forward, student
 forward, loss, backward + clip = rest of the step, optimizer, EMA) comes from timers wrapped around those calls.
-MFU = FLOPs of one step (torch.utils.flop_counter) / step time / the fp32 matmul peak measured in the same run.
+MFU = FLOPs of one step (torch.utils.flop_counter) / step time / the fp32 matmul peak measured in the same run
+(the better of torch.mm and oneDNN's linear: `common.matmul_peak_flops`).
 
 Run: python benchmarks/bench_training_step.py [--quick] [--out FILE]
 """
