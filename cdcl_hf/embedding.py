@@ -96,8 +96,8 @@ def compiled_for_inference(model: torch.nn.Module):
 
     Frozen weights are packed once for the CPU's GEMM kernel, and with dynamic shapes the linear layers run oneDNN's
     kernel: on an AMD EPYC, where the BLAS of the PyTorch wheels (MKL) takes its AVX2 code, that is ~2x the eager
-    forward in fp32 (`python benchmarks/bench_inference.py --compiled`). The first call compiles (tens of seconds on
-    a laptop-class CPU), so it pays on large screens and fields, not on a few crops. Freezing is switched on only
+    forward in fp32 (`python benchmarks/bench_inference.py --compiled`). The first call compiles (20-43 s for
+    ViT-S/16 on one core of the benchmark machine), so it pays on large screens and fields, not on a few crops. Freezing is switched on only
     while the returned callable runs; it applies to inference-mode calls only, and the model's own weights are not
     changed (changing them afterwards is not seen by the compiled function).
 
@@ -114,8 +114,10 @@ def compiled_for_inference(model: torch.nn.Module):
 
     compiler = os.environ.get("CXX", "g++")
     if shutil.which(compiler) is None:
-        raise FileNotFoundError(f"compiling the model needs a C++ compiler for inductor's CPU code, and {compiler!r} is not "
-                           "on PATH; install one (e.g. g++) or embed without compiling")
+        raise FileNotFoundError(
+            f"compiling the model needs a C++ compiler for inductor's CPU code, and {compiler!r} is not on PATH; "
+            "install one (e.g. g++) or embed without compiling"
+        )
     compiled = torch.compile(model, dynamic=True)
 
     def forward(*args, **kwargs):

@@ -347,8 +347,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "dataset": str(args.dataset_name),
         "split": args.split,
         "settings": {key: getattr(args, key) for key in (
-            "profile_level", "aggregate", "correction", "per_plate", "tile_size", "tile_stride", "test_time_augmentation", "compile_model",
-            "knn_k", "knn_temperature", "null_size", "missing_moa", "seed", "max_images", "dataset_revision",
+            "profile_level", "aggregate", "correction", "per_plate", "tile_size", "tile_stride",
+            "test_time_augmentation", "compile_model", "knn_k", "knn_temperature", "null_size", "missing_moa", "seed", "max_images", "dataset_revision",
             "streaming", "column_map", "channel_map", "channel_order", "allow_default_processor")},
         # What the images were normalised with: "per_plate:controls|all" or the processor's own rule.
         "input_normalization": (f"per_plate:{args.plate_normalization}" if normalization is not None
