@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -213,8 +212,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.compiled is not None:
         out = args.out if args.out != parser.get_default("out") else str(RESULTS_DIR / "inference_compiled.json")
-        compiler = os.environ.get("CXX", "g++")
-        if shutil.which(compiler) is None:  # inductor's CPU code needs one; without it there is nothing to measure
+        from cdcl_hf.embedding import inductor_cpp_compiler
+
+        compiler, found = inductor_cpp_compiler()
+        if not found:  # inductor's CPU code needs one; without it there is nothing to measure
             write_result({"benchmark": "inference: torch.compile vs eager", "quick": args.quick, "machine": machine(),
                           "skipped": f"no C++ compiler ({compiler}) for inductor's CPU code", "points": []}, out)
             return

@@ -91,6 +91,15 @@ def augmented_embedding(model: Callable[..., Any], pixel_values: torch.Tensor, a
     return pooled.reshape(len(views), pixel_values.shape[0], -1).mean(dim=0)
 
 
+def inductor_cpp_compiler() -> tuple[str, bool]:
+    """The C++ compiler inductor's CPU code is built with (``$CXX``, else ``g++``) and whether it is on PATH."""
+    import os
+    import shutil
+
+    compiler = os.environ.get("CXX", "g++")
+    return compiler, shutil.which(compiler) is not None
+
+
 def compiled_for_inference(model: torch.nn.Module):
     """``model`` compiled for embedding: ``torch.compile(model, dynamic=True)`` with inductor's weight freezing.
 
@@ -107,13 +116,10 @@ def compiled_for_inference(model: torch.nn.Module):
     Raises:
         FileNotFoundError: No C++ compiler for inductor's CPU code (``$CXX`` or ``g++``).
     """
-    import os
-    import shutil
-
     import torch._inductor.config as inductor_config
 
-    compiler = os.environ.get("CXX", "g++")
-    if shutil.which(compiler) is None:
+    compiler, found = inductor_cpp_compiler()
+    if not found:
         raise FileNotFoundError(
             f"compiling the model needs a C++ compiler for inductor's CPU code, and {compiler!r} is not on PATH; "
             "install one (e.g. g++) or embed without compiling"

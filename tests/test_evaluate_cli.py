@@ -1,8 +1,6 @@
 """The evaluation command (training/evaluate_embeddings.py, cdcl-evaluate) end to end on the real BBBC021 crops, and the local `evaluate` metric module."""
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +10,8 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+
+from cdcl_hf.embedding import inductor_cpp_compiler
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = ROOT / "training" / "evaluate_embeddings.py"
@@ -150,7 +150,7 @@ def test_cli_streams_a_screen_with_its_own_column_names(
 def test_cli_averages_over_mirrored_copies_when_asked(crops_evaluation, tiny_checkpoint, bbbc021_crops_dataset,
                                                      tmp_path):
     cli = load_cli()
-    compile_model = ["--compile"] if shutil.which(os.environ.get("CXX", "g++")) else []
+    compile_model = ["--compile"] if inductor_cpp_compiler()[1] else []
     report = cli.run(cli.parse_args(
         ["--model", str(tiny_checkpoint), "--dataset_name", str(bbbc021_crops_dataset), "--no_progress",
          "--output_dir", str(tmp_path / "out"), "--max_images", "32", "--profile_level", "image",

@@ -1,13 +1,11 @@
 """Profiling: aggregation, correction, parquet round trip, embedding extraction."""
 
-import os
-import shutil
-
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+from cdcl_hf.embedding import inductor_cpp_compiler
 from cdcl_hf.profiling import (
     aggregate_profiles,
     correct_profiles,
@@ -221,7 +219,7 @@ def test_test_time_augmentation_makes_embeddings_invariant(tiny_screen, tiny_mod
         np.testing.assert_allclose(augmented[features], as_stored[features], atol=1e-5)
 
 
-@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="inductor needs a C++ compiler")
+@pytest.mark.skipif(not inductor_cpp_compiler()[1], reason="inductor needs a C++ compiler")
 def test_compiled_extraction_gives_the_same_embeddings(tiny_screen, tiny_model):
     dataset, _ = tiny_screen
     before = {name: p.clone() for name, p in tiny_model.state_dict().items()}
