@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from .cpu_kernels import cpu_linear_kernel
+
 
 def _field(output: Any, name: str) -> Any:
     # transformers' ModelOutput is a Mapping whose unset fields are absent; plain dicts work the same way.
@@ -129,5 +131,27 @@ def compiled_for_inference(model: torch.nn.Module):
     def forward(*args, **kwargs):
         with inductor_config.patch(freezing=True):
             return compiled(*args, **kwargs)
+
+    return forward
+
+
+def inference_forward(model: torch.nn.Module, compile_model: bool = False, linear_kernel: str = "auto"):
+    """The callable that embeds with ``model``: compiled (:func:`compiled_for_inference`) or eager.
+
+    Eager calls run the linear layers on the kernel ``linear_kernel`` names (:func:`cdcl_hf.cpu_kernels.cpu_linear_kernel`:
+    by default oneDNN's for fp32 on the CPU, ~1.9x the BLAS on an AMD CPU). A compiled model picks its own kernels.
+
+    Raises:
+        ValueError / RuntimeError: An unknown ``linear_kernel``, or ``"onednn"`` where torch has no such kernel.
+        FileNotFoundError: ``compile_model`` without a C++ compiler.
+    """
+    if compile_model:
+        return compiled_for_inference(model)
+    device = next(model.parameters()).device
+    cpu_linear_kernel(linear_kernel, device)  # refuses a bad choice now, not at the first batch
+
+    def forward(*args, **kwargs):
+        with cpu_linear_kernel(linear_kernel, device):
+            return model(*args, **kwargs)
 
     return forward

@@ -16,6 +16,7 @@ from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPo
 
 from cdcl_hf import CDCLConfig, CDCLImageProcessor, CDCLModel
 from cdcl_hf.commands import embed
+from cdcl_hf.cpu_kernels import onednn_linear_available
 from cdcl_hf.embedding import pooled_embedding
 
 SCRIPT = Path(__file__).resolve().parents[1] / "hub" / "embed_images.py"
@@ -68,6 +69,15 @@ def test_dihedral_test_time_augmentation_embeds_turned_images_alike(checkpoint, 
     plain, dihedral = np.load(tmp_path / "plain.npy"), np.load(tmp_path / "dihedral.npy")
     assert not np.allclose(plain[0], plain[1], atol=1e-3)
     np.testing.assert_allclose(dihedral[0], dihedral[1], atol=1e-5)
+
+
+def test_the_cpu_linear_kernels_give_the_same_embeddings(checkpoint, tmp_path):
+    np.save(tmp_path / "a.npy", np.random.default_rng(2).integers(0, 4000, size=(3, 40, 40), dtype=np.uint16))
+    for kernel in ("blas", "onednn" if onednn_linear_available() else "auto"):
+        embed.main(["--model", str(checkpoint), "--images", str(tmp_path / "a.npy"), "--output",
+                    str(tmp_path / f"{kernel}.npy"), "--cpu_linear_kernel", kernel])
+    blas, other = (np.load(path) for path in sorted(tmp_path.glob("*.npy")) if path.name != "a.npy")
+    np.testing.assert_allclose(other, blas, atol=1e-5)
 
 
 def test_compile_without_a_compiler_is_one_clear_line(checkpoint, tmp_path, monkeypatch):

@@ -157,6 +157,7 @@ def test_cli_averages_over_mirrored_copies_when_asked(crops_evaluation, tiny_che
          "--null_size", "50", "--test_time_augmentation", "flips", *compile_model]))
     assert report["settings"]["test_time_augmentation"] == "flips"
     assert report["settings"]["compile_model"] == bool(compile_model)
+    assert report["settings"]["cpu_linear_kernel"] == "auto"
     augmented = pd.read_parquet(tmp_path / "out" / "profiles_image.parquet")
     plain = pd.read_parquet(crops_evaluation / "profiles_image.parquet").head(32)
     features = [c for c in plain if not c.startswith("Metadata_")]

@@ -44,7 +44,8 @@ import transformers
 # Importing the package (this module's parent) registered the CDCL classes with the Auto classes.
 from cdcl_hf import CDCLConfig, CDCLImageProcessor, CDCLModel, __version__
 from cdcl_hf.cli import CommandParser, add_debug_argument, command_errors, positive_int
-from cdcl_hf.embedding import TEST_TIME_AUGMENTATIONS, augmented_embedding, compiled_for_inference
+from cdcl_hf.cpu_kernels import LINEAR_KERNELS
+from cdcl_hf.embedding import TEST_TIME_AUGMENTATIONS, augmented_embedding, inference_forward
 from cdcl_hf.image_io import CHANNEL_AXES, ChannelAxis, read_image, to_channels_first
 from cdcl_hf.outputs import OutputSafetyError, remove_stale_temporaries, temporary_prefix
 from cdcl_hf.profiling import (
@@ -88,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile", dest="compile_model", action="store_true",
                         help="torch.compile the model (dynamic shapes, frozen weights; needs a C++ compiler): ~2x "
                              "faster on an AMD CPU once compiled, which takes tens of seconds; for many images")
+    parser.add_argument("--cpu_linear_kernel", choices=LINEAR_KERNELS, default="auto",
+                        help="without --compile, on the CPU: the linear layers' kernel (auto: oneDNN where torch has "
+                             "it, ~1.9x the BLAS on an AMD CPU; blas: torch's default)")
     parser.add_argument("--output", type=Path,
                         help="where to write the embeddings: .parquet (a `file` column + emb_* columns) or .npy "
                              "(+ <name>.files.csv naming each row's file); other names get .npy appended")
@@ -142,6 +146,7 @@ def embed_images(
     batch_size: int = 32,
     test_time_augmentation: str = "none",
     compile_model: bool = False,
+    linear_kernel: str = "auto",
 ) -> Iterator[np.ndarray]:
     """Pooled embeddings of ``images``, one batch at a time, without gradients.
 
@@ -161,6 +166,8 @@ def embed_images(
             copies (:func:`cdcl_hf.embedding.symmetry_views`), all in the same forward pass.
         compile_model (`bool`, defaults to `False`):
             Run the model through :func:`cdcl_hf.embedding.compiled_for_inference`.
+        linear_kernel (`str`, defaults to `"auto"`):
+            Without ``compile_model``: the CPU kernel of the linear layers (:func:`cdcl_hf.cpu_kernels.cpu_linear_kernel`).
 
     Yields:
         `np.ndarray`: (images in the batch, dim) float32 embeddings.
@@ -173,7 +180,7 @@ def embed_images(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     model.eval()
     device = next(model.parameters()).device
-    forward_model = compiled_for_inference(model) if compile_model else model
+    forward_model = inference_forward(model, compile_model, linear_kernel)
 
     def forward(pixels: list[torch.Tensor]) -> np.ndarray:
         with torch.inference_mode():
@@ -428,7 +435,7 @@ def run(args: argparse.Namespace) -> tuple[int, int, Path | None]:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
     embeddings = embed_images(model, processor, images, args.batch_size, args.test_time_augmentation,
-                              args.compile_model)
+                              args.compile_model, args.cpu_linear_kernel)
     rows, dim = write_embeddings(embeddings, files, output, model=None if args.demo else str(args.model))
     return rows, dim, output
 

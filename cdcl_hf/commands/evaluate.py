@@ -49,6 +49,7 @@ from ..cli import (
     positive_float,
     positive_int,
 )
+from ..cpu_kernels import LINEAR_KERNELS
 from ..embedding import TEST_TIME_AUGMENTATIONS
 from ..image_io import decode_image
 from ..metrics import evaluate_profiles, reference_note, results_markdown_table
@@ -141,6 +142,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--compile", dest="compile_model", action="store_true",
         help="torch.compile the model (dynamic shapes, frozen weights; needs a C++ compiler): ~2x faster on an AMD "
              "CPU once compiled, which takes tens of seconds; for large screens",
+    )
+    extraction.add_argument(
+        "--cpu_linear_kernel", choices=LINEAR_KERNELS, default="auto",
+        help="without --compile, on the CPU: the linear layers' kernel (auto: oneDNN where torch has it, ~1.9x the "
+             "BLAS on an AMD CPU; blas: torch's default)",
     )
     extraction.add_argument("--max_images", type=positive_int, default=None, help="evaluate only the first N images")
     extraction.add_argument(
@@ -327,6 +333,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         tile_size=args.tile_size, tile_stride=args.tile_stride, progress=not args.no_progress,
         normalization=normalization, channel_map=channel_map, channel_order=args.channel_order,
         test_time_augmentation=args.test_time_augmentation, compile_model=args.compile_model,
+        linear_kernel=args.cpu_linear_kernel,
     )
     wells = None
     profiles = images
@@ -348,7 +355,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "split": args.split,
         "settings": {key: getattr(args, key) for key in (
             "profile_level", "aggregate", "correction", "per_plate", "tile_size", "tile_stride",
-            "test_time_augmentation", "compile_model", "knn_k", "knn_temperature", "null_size", "missing_moa", "seed", "max_images", "dataset_revision",
+            "test_time_augmentation", "compile_model", "cpu_linear_kernel", "knn_k", "knn_temperature", "null_size", "missing_moa", "seed", "max_images", "dataset_revision",
             "streaming", "column_map", "channel_map", "channel_order", "allow_default_processor")},
         # What the images were normalised with: "per_plate:controls|all" or the processor's own rule.
         "input_normalization": (f"per_plate:{args.plate_normalization}" if normalization is not None

@@ -10,6 +10,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from ..cpu_kernels import cpu_linear_kernel
 from ..losses import CDCLObjective
 from ..multicrop import MultiCropAugmentation
 from .checkpoints import TrainingPosition, save_checkpoint
@@ -86,10 +87,11 @@ def train_loop(
                                                  accelerator.device)
                     batch = cut_batch_views(batch, batched_views, generator)
                 try:
-                    step = train_step(
-                        accelerator, batch, student, teacher, objective, optimizer, schedules, global_step,
-                        args.max_grad_norm, args.freeze_last_layer_epochs,
-                    )
+                    with cpu_linear_kernel(args.cpu_linear_kernel, accelerator.device):
+                        step = train_step(
+                            accelerator, batch, student, teacher, objective, optimizer, schedules, global_step,
+                            args.max_grad_norm, args.freeze_last_layer_epochs,
+                        )
                 except NonFiniteLossError as error:
                     raise NonFiniteLossError(
                         f"{error}; nothing was saved for this step. The last good checkpoint is in "
