@@ -6,8 +6,10 @@ and pooled as it pools by default. Per (size, batch, attention implementation) t
 round-robin, `repeats` times; the ratio reported per point is `time(faster baseline) / time(CDCLModel)` per repeat
 (> 1: CDCLModel is faster), its median and spread. Also: images/s, peak activation memory (tensors alive at once,
 weights excluded, counted by a dispatch mode) and MFU = forward FLOPs (torch.utils.flop_counter) / time / the fp32
-matmul peak measured in the same run (the better of torch.mm and
-oneDNN's linear: `common.matmul_peak_flops`).
+matmul peak measured in the same run (the better of torch.mm and oneDNN's linear: `common.matmul_peak_flops`).
+A fourth arm, `cdcl_onednn`, is CDCLModel as the package embeds eagerly (`cdcl_hf.embedding.inference_forward`: the
+linear layers on oneDNN's kernel instead of the BLAS, `cdcl_hf.cpu_kernels`), against the same baselines as transformers
+runs them.
 
 Run: python benchmarks/bench_inference.py [--quick] [--out FILE]
 
@@ -94,12 +96,17 @@ def forward_runner(model: torch.nn.Module, pixel_values: torch.Tensor):
 
 
 def bench_point(models, image_size, batch, channels, repeats) -> dict:
+    from cdcl_hf.embedding import inference_forward
+
     pixel_values = torch.randn(batch, channels, image_size, image_size)
-    times = interleaved({name: forward_runner(m, pixel_values) for name, m in models.items()}, repeats=repeats,
-                        warmup=1)
+    runners = {name: forward_runner(m, pixel_values) for name, m in models.items()}
+    # CDCLModel as cdcl-embed / cdcl-evaluate run it eagerly: linear layers on oneDNN's kernel (cdcl_hf.cpu_kernels).
+    runners["cdcl_onednn"] = forward_runner(inference_forward(models["cdcl"], linear_kernel="onednn"), pixel_values)
+    times = interleaved(runners, repeats=repeats, warmup=1)
     out = {"image_size": image_size, "batch": batch, "models": {}}
-    for name, model in models.items():
-        flops = forward_flops(model, pixel_values)
+    for name in runners:
+        model = models["cdcl" if name == "cdcl_onednn" else name]
+        flops = forward_flops(model, pixel_values)  # the same math whichever kernel runs it
         out["models"][name] = {
             "seconds": summary(times[name], 5),
             "images_per_s": summary([batch / t for t in times[name]], 2),
@@ -108,12 +115,17 @@ def bench_point(models, image_size, batch, channels, repeats) -> dict:
             "_times": times[name],
             "peak_activation_mib": round(peak_memory(model, pixel_values) / 2**20, 2),
         }
+
+    def speedup(baseline: str, candidate: str) -> dict:
+        return summary([b / c for b, c in zip(times[baseline], times[candidate], strict=True)], 3)
+
     faster = min(("vit", "dinov2"), key=lambda k: statistics.median(times[k]))
-    speedup = [b / c for b, c in zip(times[faster], times["cdcl"], strict=True)]
     out["faster_baseline"] = faster
-    out["speedup_vs_faster_baseline"] = summary(speedup, 3)
-    out["speedup_vs_vit"] = summary([b / c for b, c in zip(times["vit"], times["cdcl"], strict=True)], 3)
-    out["speedup_vs_dinov2"] = summary([b / c for b, c in zip(times["dinov2"], times["cdcl"], strict=True)], 3)
+    out["speedup_vs_faster_baseline"] = speedup(faster, "cdcl")
+    out["speedup_vs_vit"] = speedup("vit", "cdcl")
+    out["speedup_vs_dinov2"] = speedup("dinov2", "cdcl")
+    out["onednn_speedup_vs_faster_baseline"] = speedup(faster, "cdcl_onednn")
+    out["onednn_speedup_vs_cdcl"] = speedup("cdcl", "cdcl_onednn")
     return out
 
 
@@ -259,7 +271,8 @@ def main(argv: list[str] | None = None) -> None:
                 point["attn_implementation"] = attn
                 points.append(point)
                 print(f"{attn} {size}px b{batch}: cdcl / faster ({point['faster_baseline']}) speed-up "
-                      f"{point['speedup_vs_faster_baseline']}", flush=True)
+                      f"{point['speedup_vs_faster_baseline']}, with oneDNN linears "
+                      f"{point['onednn_speedup_vs_faster_baseline']}", flush=True)
     peak = best_of(peak_start, matmul_peak_flops())
     for point in points:
         for entry in point["models"].values():

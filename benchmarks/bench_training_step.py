@@ -8,11 +8,14 @@ it measures what `cdcl-train` runs. Per configuration (tiny preset on the real B
   partner decoded from its PNG planes each time it is drawn);
 - `dino`, `dino_no_cache`: `--method dino` (partner = the image itself, decoded once), with and without the cache;
 - `cdcl_batched_views`: `cdcl` with `--batched_views` (the loader yields prepared pairs; the views of each batch are
-  cut at once with `MultiCropAugmentation.crop_batch`, as `training.loop` does, and timed as `views`),
+  cut at once with `MultiCropAugmentation.crop_batch`, as `training.loop` does, and timed as `views`);
+- `cdcl_blas`: `cdcl` with `--cpu_linear_kernel blas` (the linear layers on torch's default kernel, the BLAS, instead of
+  oneDNN's: `cdcl_hf.cpu_kernels`),
 and times `steps` steps of each, interleaved round-robin, `repeats` times; the ratios are per repeat.
 The split (decode, views = multi-crop augmentation, collate+pairing = rest of the loader, teacher forward, student
 forward, loss, backward + clip = rest of the step, optimizer, EMA) comes from timers wrapped around those calls.
-MFU = FLOPs of one step (torch.utils.flop_counter) / step time / the fp32 matmul peak measured in the same run
+Every run's step runs under its `--cpu_linear_kernel`, as `training.loop` does. MFU = FLOPs of one step
+(torch.utils.flop_counter, counted on torch's own linear) / step time / the fp32 matmul peak measured in the same run
 (the better of torch.mm and oneDNN's linear: `common.matmul_peak_flops`).
 
 Run: python benchmarks/bench_training_step.py [--quick] [--out FILE]
@@ -31,6 +34,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+
+from cdcl_hf.cpu_kernels import cpu_linear_kernel
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
@@ -133,11 +138,12 @@ class _Run:
         update = self.step_module.update_teacher_ema
         self.step_module.update_teacher_ema = self.timers.wrap("ema", update)
         try:
-            self.step_module.train_step(
-                self.accelerator, batch, self.student, self.teacher, self.objective, self.optimizer, self.schedules,
-                self.global_step % self.schedules.max_train_steps, self.args.max_grad_norm,
-                self.args.freeze_last_layer_epochs,
-            )
+            with cpu_linear_kernel(self.args.cpu_linear_kernel, self.accelerator.device):
+                self.step_module.train_step(
+                    self.accelerator, batch, self.student, self.teacher, self.objective, self.optimizer, self.schedules,
+                    self.global_step % self.schedules.max_train_steps, self.args.max_grad_norm,
+                    self.args.freeze_last_layer_epochs,
+                )
         finally:
             self.step_module.update_teacher_ema = update
         self.timers.seconds["step"] += time.perf_counter() - start
@@ -148,6 +154,8 @@ class _Run:
 
         self.timers.enabled = False
         batch = self._next_batch()
+        # Without the kernel context: the counter knows the FLOPs of aten's linear, not of oneDNN's op; the math is
+        # the same whichever kernel runs it.
         counter = FlopCounterMode(display=False)
         with counter:
             self.step_module.train_step(
@@ -199,6 +207,7 @@ def bench_config(name: str, common_argv: list[str], steps: int, repeats: int, wa
         for run_name, method, cache, extra in (
             ("cdcl", "cdcl", True, []), ("cdcl_no_cache", "cdcl", False, []), ("dino", "dino", True, []),
             ("dino_no_cache", "dino", False, []), ("cdcl_batched_views", "cdcl", True, ["--batched_views"]),
+            ("cdcl_blas", "cdcl", True, ["--cpu_linear_kernel", "blas"]),
         ):
             torch.manual_seed(0)
             runs[run_name] = _Run(accelerator, [*common_argv, "--method", method, *extra], cache)
@@ -229,8 +238,10 @@ def bench_config(name: str, common_argv: list[str], steps: int, repeats: int, wa
     result["cdcl_no_cache_over_dino_no_cache_time"] = summary(ratios(times, "cdcl_no_cache", "dino_no_cache"), 3)
     result["cdcl_over_cdcl_no_cache_time"] = summary(ratios(times, "cdcl", "cdcl_no_cache"), 3)
     result["cdcl_batched_views_over_cdcl_time"] = summary(ratios(times, "cdcl_batched_views", "cdcl"), 3)
+    result["cdcl_blas_over_cdcl_time"] = summary(ratios(times, "cdcl_blas", "cdcl"), 3)
     print(f"{name}: cdcl/dino {result['cdcl_over_dino_time']}, without the cache "
-          f"{result['cdcl_no_cache_over_dino_no_cache_time']}", flush=True)
+          f"{result['cdcl_no_cache_over_dino_no_cache_time']}, blas/onednn {result['cdcl_blas_over_cdcl_time']}",
+          flush=True)
     return result
 
 

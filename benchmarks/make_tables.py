@@ -46,15 +46,20 @@ def inference_table(result: dict) -> str:
         f"of {result['repeats']} interleaved repeats.",
         "",
         "| attention | size | batch | CDCL images/s | speed-up vs faster baseline | vs ViTModel | vs Dinov2Model "
-        "| CDCL MFU | peak activations MiB (CDCL / ViT / Dinov2) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| CDCL MFU | CDCL with oneDNN linears (as embedded): images/s, speed-up vs faster baseline, MFU "
+        "| peak activations MiB (CDCL / ViT / Dinov2) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in result["points"]:
         m = p["models"]
+        onednn = ""
+        if "cdcl_onednn" in m:
+            onednn = (f"{m['cdcl_onednn']['images_per_s']['median']:.1f}, "
+                      f"{_spread(p['onednn_speedup_vs_faster_baseline'])}, {_spread(m['cdcl_onednn']['mfu'])}")
         lines.append(
             f"| {p['attn_implementation']} | {p['image_size']} | {p['batch']} | {m['cdcl']['images_per_s']['median']:.1f} "
             f"| {_spread(p['speedup_vs_faster_baseline'])} ({p['faster_baseline']}) | {_spread(p['speedup_vs_vit'])} "
-            f"| {_spread(p['speedup_vs_dinov2'])} | {_spread(m['cdcl']['mfu'])} "
+            f"| {_spread(p['speedup_vs_dinov2'])} | {_spread(m['cdcl']['mfu'])} | {onednn} "
             f"| {m['cdcl']['peak_activation_mib']:.1f} / {m['vit']['peak_activation_mib']:.1f} / "
             f"{m['dinov2']['peak_activation_mib']:.1f} |"
         )
@@ -91,18 +96,21 @@ def training_table(result: dict) -> str:
     lines = [
         f"**Training step** (whole step: data + forward/backward + EMA; {_machine(result)}). Time ratios per "
         "interleaved repeat, median (min–max); `no cache` = the data path before issue 10 (every image and partner "
-        "re-read and re-decoded each time it is drawn).",
+        "re-read and re-decoded each time it is drawn); `blas` = the linear layers on torch's default kernel "
+        "(`--cpu_linear_kernel blas`), the others on oneDNN's (`auto`, the default).",
         "",
-        "| configuration | batch | run | images/s | MFU | CDCL ÷ DINO step time |",
+        "| configuration | batch | run | images/s | MFU | step time ratio |",
         "|---|---|---|---|---|---|",
     ]
     for r in result["results"]:
         for name, run in r["runs"].items():
             ratio = ""
             if name == "cdcl":
-                ratio = _spread(r["cdcl_over_dino_time"])
+                ratio = _spread(r["cdcl_over_dino_time"]) + " (÷ dino)"
             elif name == "cdcl_no_cache":
-                ratio = _spread(r["cdcl_no_cache_over_dino_no_cache_time"]) + " (vs dino no cache)"
+                ratio = _spread(r["cdcl_no_cache_over_dino_no_cache_time"]) + " (÷ dino no cache)"
+            elif name == "cdcl_blas" and "cdcl_blas_over_cdcl_time" in r:
+                ratio = _spread(r["cdcl_blas_over_cdcl_time"]) + " (÷ cdcl)"
             lines.append(f"| {r['config']} | {r['batch_size']} | {name} | {_spread(run['images_per_s'], '{:.3g}')} "
                          f"| {_spread(run['mfu'], '{:.3f}')} | {ratio} |")
     lines += ["", "Time split (ms per step) of the `cdcl` and `dino` runs:", ""]

@@ -37,9 +37,10 @@ def test_run_all_quick_writes_well_formed_results(tmp_path):
     assert inference["matmul_peak"]["best_flops"] > 0
     assert {p["attn_implementation"] for p in inference["points"]} == {"sdpa", "eager"}
     for point in inference["points"]:
-        assert set(point["models"]) == {"cdcl", "vit", "dinov2"}
+        assert set(point["models"]) == {"cdcl", "vit", "dinov2", "cdcl_onednn"}
         assert point["faster_baseline"] in ("vit", "dinov2")
         assert _is_spread(point["speedup_vs_faster_baseline"])
+        assert _is_spread(point["onednn_speedup_vs_faster_baseline"]) and _is_spread(point["onednn_speedup_vs_cdcl"])
         flops = {m["flops"] for m in point["models"].values()}
         assert len(flops) == 1 and flops.pop() > 0  # identical dimensions: identical FLOPs
         for model in point["models"].values():
@@ -61,7 +62,9 @@ def test_run_all_quick_writes_well_formed_results(tmp_path):
     _check_machine(training)
     assert training["results"]
     for config in training["results"]:
-        assert set(config["runs"]) == {"cdcl", "cdcl_no_cache", "dino", "dino_no_cache", "cdcl_batched_views"}
+        assert set(config["runs"]) == {"cdcl", "cdcl_no_cache", "dino", "dino_no_cache", "cdcl_batched_views",
+                                       "cdcl_blas"}
+        assert _is_spread(config["cdcl_blas_over_cdcl_time"])
         assert _is_spread(config["cdcl_over_dino_time"]) and _is_spread(config["cdcl_batched_views_over_cdcl_time"])
         assert config["runs"]["cdcl_batched_views"]["time_split"]["ms_per_step"]["views"] > 0
         for run in config["runs"].values():
@@ -72,6 +75,7 @@ def test_run_all_quick_writes_well_formed_results(tmp_path):
         # step computes.
         assert config["runs"]["cdcl"]["flops_per_step"] == config["runs"]["cdcl_no_cache"]["flops_per_step"]
         assert config["runs"]["cdcl"]["flops_per_step"] == config["runs"]["cdcl_batched_views"]["flops_per_step"]
+        assert config["runs"]["cdcl"]["flops_per_step"] == config["runs"]["cdcl_blas"]["flops_per_step"]
 
     data_path = json.loads((tmp_path / "data_path.json").read_text())
     _check_machine(data_path)
