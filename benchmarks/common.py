@@ -58,10 +58,9 @@ def machine() -> dict:
 
 def _onednn_linear(a: torch.Tensor, b: torch.Tensor):
     """``a @ b.T`` through oneDNN's linear kernel, or None where this torch build has none."""
-    linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
-    if linear is None:
-        return None
-    return lambda: linear(a, b, None, "none", [], "")
+    from cdcl_hf.cpu_kernels import onednn_linear, onednn_linear_available
+
+    return (lambda: onednn_linear(a, b)) if onednn_linear_available() else None
 
 
 def matmul_peak_flops(sizes: tuple[int, ...] = (1024, 2048), repeats: int = 5) -> dict:
