@@ -9,9 +9,15 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
+import cdcl_hf.cpu_kernels as cpu_kernels
 from cdcl_hf.dino_head import last_layer_parameters
 from cdcl_hf.multicrop import MultiCropAugmentation
-from cdcl_hf.training.arguments import SECRET_ARGUMENTS, parse_args, serializable_arguments
+from cdcl_hf.training.arguments import (
+    RESUME_FREE_SETTINGS,
+    SECRET_ARGUMENTS,
+    parse_args,
+    serializable_arguments,
+)
 from cdcl_hf.training.components import (
     TrainingSchedules,
     build_objective,
@@ -124,3 +130,13 @@ def test_secrets_are_never_serialised():
     args = parse_args(["--push_to_hub", "--hub_model_id", "org/m", "--hub_token", "hf_secret_value"])
     stored = serializable_arguments(args)
     assert "hf_secret_value" not in str(stored) and not set(SECRET_ARGUMENTS) & set(stored)
+
+
+def test_the_cpu_linear_kernel_is_checked_at_parse_time_and_free_to_change_on_resume(monkeypatch, capsys):
+    assert parse_args([]).cpu_linear_kernel == "auto"
+    assert "cpu_linear_kernel" in RESUME_FREE_SETTINGS  # a kernel changes float rounding, not what a tensor means
+    monkeypatch.setattr(cpu_kernels, "_onednn_linear_op", lambda: None)
+    assert parse_args(["--cpu_linear_kernel", "auto"]).cpu_linear_kernel == "auto"
+    with pytest.raises(SystemExit):
+        parse_args(["--cpu_linear_kernel", "onednn"])
+    assert "no oneDNN linear kernel; use auto or blas" in capsys.readouterr().err
