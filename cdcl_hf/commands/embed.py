@@ -44,7 +44,7 @@ import transformers
 # Importing the package (this module's parent) registered the CDCL classes with the Auto classes.
 from cdcl_hf import CDCLConfig, CDCLImageProcessor, CDCLModel, __version__
 from cdcl_hf.cli import CommandParser, add_debug_argument, command_errors, positive_int
-from cdcl_hf.cpu_kernels import LINEAR_KERNELS
+from cdcl_hf.cpu_kernels import LINEAR_KERNEL_HELP, LINEAR_KERNELS
 from cdcl_hf.embedding import TEST_TIME_AUGMENTATIONS, augmented_embedding, inference_forward
 from cdcl_hf.image_io import CHANNEL_AXES, ChannelAxis, read_image, to_channels_first
 from cdcl_hf.outputs import OutputSafetyError, remove_stale_temporaries, temporary_prefix
@@ -90,8 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch.compile the model (dynamic shapes, frozen weights; needs a C++ compiler): ~2x "
                              "faster on an AMD CPU once compiled, which takes tens of seconds; for many images")
     parser.add_argument("--cpu_linear_kernel", choices=LINEAR_KERNELS, default="auto",
-                        help="without --compile, on the CPU: the linear layers' kernel (auto: oneDNN where torch has "
-                             "it, ~1.9x the BLAS on an AMD CPU; blas: torch's default)")
+                        help=f"without --compile: {LINEAR_KERNEL_HELP}")
     parser.add_argument("--output", type=Path,
                         help="where to write the embeddings: .parquet (a `file` column + emb_* columns) or .npy "
                              "(+ <name>.files.csv naming each row's file); other names get .npy appended")

@@ -49,7 +49,7 @@ from ..cli import (
     positive_float,
     positive_int,
 )
-from ..cpu_kernels import LINEAR_KERNELS
+from ..cpu_kernels import LINEAR_KERNEL_HELP, LINEAR_KERNELS
 from ..embedding import TEST_TIME_AUGMENTATIONS
 from ..image_io import decode_image
 from ..metrics import evaluate_profiles, reference_note, results_markdown_table
@@ -144,9 +144,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
              "CPU once compiled, which takes tens of seconds; for large screens",
     )
     extraction.add_argument(
-        "--cpu_linear_kernel", choices=LINEAR_KERNELS, default="auto",
-        help="without --compile, on the CPU: the linear layers' kernel (auto: oneDNN where torch has it, ~1.9x the "
-             "BLAS on an AMD CPU; blas: torch's default)",
+        "--cpu_linear_kernel", choices=LINEAR_KERNELS, default="auto", help=f"without --compile: {LINEAR_KERNEL_HELP}",
     )
     extraction.add_argument("--max_images", type=positive_int, default=None, help="evaluate only the first N images")
     extraction.add_argument(

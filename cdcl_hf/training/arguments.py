@@ -6,7 +6,6 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from ..cli import (
@@ -18,7 +17,7 @@ from ..cli import (
     positive_int,
     probability,
 )
-from ..cpu_kernels import LINEAR_KERNELS, onednn_linear_available
+from ..cpu_kernels import LINEAR_KERNEL_HELP, LINEAR_KERNELS, cpu_linear_kernel
 from ..methods import METHODS
 from ..normalization import NORMALIZATION_MODES
 from ..stock_export import EXPORT_FORMATS
@@ -159,9 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--max_grad_norm", type=non_negative_float, default=3.0, help="global gradient-norm clip; 0 disables")
     optim.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="default: accelerate config")
     optim.add_argument(
-        "--cpu_linear_kernel", default="auto", choices=LINEAR_KERNELS,
-        help="training on the CPU: onednn runs the linear layers on oneDNN's kernel (~1.9x a ViT-S step on an AMD "
-        "CPU, where the BLAS takes its AVX2 code), blas on torch's default; auto: onednn where torch has it",
+        "--cpu_linear_kernel", default="auto", choices=LINEAR_KERNELS, help=LINEAR_KERNEL_HELP,
     )
     optim.add_argument("--seed", type=non_negative_int, default=0)
 
@@ -212,9 +209,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--streaming needs --max_train_steps (a stream has no known length)")
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id")
-    if args.cpu_linear_kernel == "onednn" and not onednn_linear_available():
-        parser.error(f"--cpu_linear_kernel onednn: this torch build ({torch.__version__}) has no oneDNN linear kernel; "
-                     "use auto or blas")
+    try:
+        cpu_linear_kernel(args.cpu_linear_kernel)  # refuses onednn on a torch build without it, before any work
+    except RuntimeError as error:
+        parser.error(str(error))
     return args
 
 
