@@ -31,8 +31,10 @@ Steps:
      over seeds and per-seed values, paired differences cdcl - dino and cdcl - intensity_stats, training health,
      wall times, machine, the exact commands and the preset's full contents.
 
-Corrections: only `none`, `tvn` and `sphering` work on these crops: 40 of the 55 plates hold fewer than two DMSO
-wells, so the per-plate `mad` / `zscore` corrections are refused by `correct_profiles` (and by the evaluate CLI).
+Corrections (default `center` then `none`; the first is the headline one, the README's): `none`, `center`, `tvn` and
+`sphering` work on these crops; 40 of the 55 plates hold fewer than two DMSO wells, so the per-plate `mad` / `zscore`
+corrections are refused by `correct_profiles` (and by the evaluate CLI). `center` (subtract the screen's mean
+profile) was chosen on the tuning weeks, for every method alike (benchmarks/results/tuning_bbbc021_crops.md).
 """
 
 from __future__ import annotations
@@ -126,8 +128,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="metadata.csv + images/*.npy")
     parser.add_argument("--profiles_csv", type=Path,
                         default=SHARED / "bbbc021_profiles" / "BBBC021_feature_selected_mad_robustize.csv")
-    parser.add_argument("--corrections", nargs="+", default=["none"],
-                        help="evaluate CLI --correction values (mad / zscore are refused on these crops)")
+    parser.add_argument("--corrections", nargs="+", default=["center", "none"],
+                        help="evaluate CLI --correction values; the first is the headline (README) one: `center`, "
+                             "chosen on the tuning weeks (benchmarks/tune_bbbc021_crops.py). mad / zscore are "
+                             "refused on these crops")
+    parser.add_argument("--pooling", default="cls+mean", choices=["cls", "mean", "cls+mean"],
+                        help="evaluate CLI --pooling: the trained models' embedding (chosen on the tuning weeks: the "
+                             "CLS and mean patch tokens; the DINO head trains on the CLS token)")
     parser.add_argument("--batch_column", default="batch", help="evaluate CLI --batch_column (batch metrics, NSCB)")
     parser.add_argument("--plate_column", default="plate", help="evaluate CLI --plate_column")
     parser.add_argument("--null_size", type=int, default=2000, help="copairs permutations (mAP p-values only)")
@@ -265,7 +272,7 @@ def evaluate_command(args, model_dir: Path, dataset: str, eval_dir: Path, correc
             "--dataset_name", dataset, "--output_dir", str(eval_dir), "--profile_level", "well",
             "--aggregate", "median", "--correction", correction, "--batch_column", args.batch_column,
             "--plate_column", args.plate_column, "--null_size", str(args.null_size), "--seed", str(seed),
-            "--no_progress"]
+            "--pooling", args.pooling, "--no_progress"]
 
 
 def run_trained(args, seed: int, method: str, screens: dict[str, str], threads: int) -> dict:
@@ -634,7 +641,8 @@ def markdown(result: dict, args) -> str:
         + "; `untrained` = `--method cdcl --max_train_steps 1` (lr 0 at step 0: the saved teacher is the seed's "
         "initial weights)" + (f"; QUICK: `--max_train_steps {args.quick_steps}`" if args.quick else "") + ".",
         f"- Evaluation: `training/evaluate_embeddings.py` on the same crops, well-level profiles, median aggregation, "
-        f"batch = `{args.batch_column}`, corrections {args.corrections}, `--null_size {args.null_size}`. Baselines: "
+        f"trained models embedded with `--pooling {args.pooling}`, batch = `{args.batch_column}`, corrections "
+        f"{args.corrections} (the first is the headline one), `--null_size {args.null_size}`. Baselines: "
         "the same scoring code in process (see notes). Values in parentheses are flagged *not informative* by the "
         "metric code (reason in the JSON). Higher is better except batch classification accuracy.",
         "",
@@ -787,7 +795,7 @@ def main(argv=None) -> None:
         "preset": preset,
         "settings": {"seeds": args.seeds, "methods": list(ROWS), "config": relative(args.config),
                      "train_flags": shlex.split(args.train_flags), "quick_steps": args.quick_steps if args.quick else None,
-                     "corrections": args.corrections, "heldout_batches": args.heldout_batches,
+                     "corrections": args.corrections, "pooling": args.pooling, "heldout_batches": args.heldout_batches,
                      "null_size": args.null_size, "profile_level": "well",
                      "aggregate": "median", "batch_column": args.batch_column, "plate_column": args.plate_column,
                      "crops_dir": relative(args.crops_dir), "profiles_csv": relative(args.profiles_csv),

@@ -91,6 +91,15 @@ SCORING_VARIANTS: dict[str, tuple[str, list[str]]] = {
     "crops_model_tta_flips": ("crops_model", ["--test_time_augmentation", "flips"]),
     "crops_model_tta_dihedral": ("crops_model", ["--test_time_augmentation", "dihedral"]),
     "crops_model_tvn": ("crops_model", ["--correction", "tvn"]),
+    # The read-out: the DINO head trains on the CLS token, but the embedding may also take the mean patch token
+    # (`--pooling cls+mean`, as DINO's linear evaluation), and the profiles may be centred on the screen's mean
+    # (`--correction center`) before cosine similarities compare them.
+    "preset_center": ("preset", ["--correction", "center"]),
+    "preset_cls_mean": ("preset", ["--pooling", "cls+mean"]),
+    "preset_cls_mean_center": ("preset", ["--pooling", "cls+mean", "--correction", "center"]),
+    "preset_pool_cls_mean_center": ("preset_pool_cls_mean", ["--correction", "center"]),
+    "crops_model_center": ("crops_model", ["--correction", "center"]),
+    "crops_model_cls_mean_center": ("crops_model", ["--pooling", "cls+mean", "--correction", "center"]),
 }
 SCORED = ("nsc", "nscb", "replicate_map", "moa_map", "batch_classification_controls", "ilisi_controls")
 

@@ -56,7 +56,7 @@ NON_METADATA_DATASET_COLUMNS = ("image", "channel_names")
 PLATE_COLUMN = "plate"
 
 AGGREGATION_METHODS = ("mean", "median")
-CORRECTION_METHODS = ("none", "zscore", "mad", "tvn", "sphering")
+CORRECTION_METHODS = ("none", "center", "zscore", "mad", "tvn", "sphering")
 # Scale factor that makes the median absolute deviation a consistent estimator of the standard
 # deviation for normally distributed data (as pycytominer's "mad_robustize" uses).
 MAD_TO_STD = 1.4826
@@ -234,9 +234,13 @@ def correct_profiles(
     per_plate: bool = False,
     epsilon: float = 1e-6,
 ) -> pd.DataFrame:
-    """Correct features against the negative controls; metadata is returned unchanged.
+    """Correct features against the negative controls, or the whole screen (``"center"``); metadata is unchanged.
 
     * ``"none"``: unchanged copy.
+    * ``"center"``: subtract each feature's mean over all profiles (controls included; no scaling), as
+      scikit-learn's ``StandardScaler(with_std=False)``. Needs no controls. Cosine similarity and copairs' mAP
+      compare directions, and every embedding of a screen shares a large mean component; centred, they compare
+      how profiles deviate from the screen's average profile.
     * ``"zscore"``: per plate, (x - mean of the plate's controls) / std of the plate's controls. The std is the
       population one (``ddof=0``, divide by n), as pycytominer's ``normalize(method="standardize")`` computes it
       (scikit-learn's ``StandardScaler``); the two agree to rounding when called per plate with the controls as
@@ -286,6 +290,9 @@ def correct_profiles(
         raise ValueError("profiles contain NaN or infinite features; correct or drop them first")
     if method == "none":
         return profiles.copy()
+    if method == "center":
+        corrected = pd.DataFrame(matrix - matrix.mean(axis=0), columns=features, index=profiles.index)
+        return pd.concat([profiles[metadata_columns(profiles)], corrected], axis=1)
     _require_columns(profiles, [control_column], f"correction {method!r}")
     is_control = profiles[control_column].astype(bool).to_numpy()
     if not is_control.any():
@@ -410,11 +417,33 @@ def check_model_folder(model_name_or_path: str | os.PathLike) -> Path | None:
     return folder
 
 
+POOLING_HELP = (
+    "a CDCL model's embedding: cls, mean (of the patch tokens) or cls+mean (both, concatenated); default: the "
+    "model's config.pooling. The BBBC021 benchmark embeds with cls+mean (chosen on its tuning weeks)"
+)
+
+
+def set_pooling(model: Any, pooling: str, where: str = "the model") -> None:
+    """Make a CDCL ``model`` return the ``pooling`` embedding (see `CDCLConfig.pooling`); refuse other models."""
+    from .configuration_cdcl import POOLING_MODES
+
+    if pooling not in POOLING_MODES:
+        raise ValueError(f"pooling must be one of {POOLING_MODES}, got {pooling!r}")
+    model_type = getattr(model.config, "model_type", type(model).__name__)
+    if model_type != "cdcl":
+        raise ValueError(
+            f"{where} is a {model_type!r} model, which pools its own way; --pooling chooses among a CDCL model's "
+            f"embeddings {POOLING_MODES}: leave it out for this model"
+        )
+    model.config.pooling = pooling
+
+
 def load_feature_extractor(
     model_name_or_path: str,
     trust_remote_code: bool = False,
     revision: str | None = None,
     allow_default_processor: bool = False,
+    pooling: str | None = None,
 ) -> tuple[Any, Any]:
     """(model, image processor) from a CDCL checkpoint directory, a Hub id or any AutoModel checkpoint.
 
@@ -430,12 +459,18 @@ def load_feature_extractor(
             standardised per image, which is not what a model trained with per-plate statistics saw. With `True` the
             processor is returned as ``None`` and :func:`extract_embeddings` uses a per-image-standardising
             :class:`~cdcl_hf.CDCLImageProcessor` at the model's image size.
+        pooling (`str`, *optional*):
+            The embedding a CDCL model returns (`pooler_output`), in place of its config's: ``"cls"``, ``"mean"``
+            (of the patch tokens) or ``"cls+mean"`` (both, concatenated). Training feeds the DINO head one readout;
+            another may embed better, as DINO's linear evaluation reads the CLS and mean patch tokens of a model
+            trained on the CLS alone. Other architectures pool their own way and are refused.
 
     Returns:
         `tuple`: The model and its image processor (or ``None``, see ``allow_default_processor``).
 
     Raises:
-        FileNotFoundError, ValueError: A refused folder (see :func:`check_model_folder`) or a missing processor.
+        FileNotFoundError, ValueError: A refused folder (see :func:`check_model_folder`), a missing processor, or a
+            ``pooling`` the model cannot take.
     """
     # The CDCL classes are registered with the Auto classes by cdcl_hf/__init__.py, already imported here.
     from transformers import AutoModel
@@ -450,6 +485,8 @@ def load_feature_extractor(
     if not has_processor and not allow_default_processor:
         raise ValueError(missing)  # before the model is loaded: a refusal should cost nothing
     model = AutoModel.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code, revision=revision)
+    if pooling is not None:
+        set_pooling(model, pooling, where=str(model_name_or_path))
     processor = None
     if has_processor:
         try:

@@ -89,7 +89,10 @@ def test_quick_run_has_every_row_and_sane_metrics(quick_run):
     preset = ROOT / result["settings"]["config"]
     assert result["preset"]["text"] == preset.read_text() and isinstance(result["preset"]["values"], dict)
     assert result["dataset"]["num_images"] == 1000 and result["dataset"]["num_batches"] == 10
-    block = result["summary"]["none"]["metrics"]
+    # The headline correction is `center` (chosen on the tuning weeks); `none` is scored too.
+    assert result["settings"]["corrections"] == ["center", "none"]
+    assert {"center", "none", "center, held-out weeks", "none, held-out weeks"} <= set(result["summary"])
+    block = result["summary"]["center"]["metrics"]
     assert tuple(block) == ROWS
     ranges = result["metric_ranges"]
     for method in ROWS:
@@ -109,7 +112,7 @@ def test_quick_run_has_every_row_and_sane_metrics(quick_run):
         assert metrics["ilisi_controls"]["permutation_null"]["n_permutations"] == PERMUTATION_NULL_SIZE
         assert 0 < metrics["kbet_controls"]["p_vs_null"] <= 1
         assert math.isfinite(metrics["batch_classification_controls"]["z_vs_null"])
-    z_table = result["summary"]["none"]["z_vs_null"]
+    z_table = result["summary"]["center"]["z_vs_null"]
     assert set(z_table) == set(ROWS) and "Batch on the controls against shuffled batch labels" in md
     assert set(z_table["cdcl"]["kbet_controls"]["p_per_seed"]) == set(z_table["cdcl"]["kbet_controls"]["per_seed"])
     assert "(p " in md
@@ -128,11 +131,11 @@ def test_quick_run_scores_the_held_out_weeks_alone(quick_run):
     result, md, _ = quick_run
     weeks = result["settings"]["heldout_batches"]
     assert weeks == [f"Week{i}" for i in range(6, 11)] and result["heldout_dataset"]["num_batches"] == 5
-    held_out = result["summary"]["none, held-out weeks"]["metrics"]
+    held_out = result["summary"]["center, held-out weeks"]["metrics"]
     assert tuple(held_out) == ROWS
     for run in result["runs"]:
-        (whole,) = [e for e in run["evaluations"] if e["summary_key"] == "none"]
-        (half,) = [e for e in run["evaluations"] if e["summary_key"] == "none, held-out weeks"]
+        (whole,) = [e for e in run["evaluations"] if e["summary_key"] == "center"]
+        (half,) = [e for e in run["evaluations"] if e["summary_key"] == "center, held-out weeks"]
         assert 0 < half["metrics"]["nsc"]["n"] < whole["metrics"]["nsc"]["n"], run["method"]
         value = half["metrics"]["nsc"]["value"]
         assert held_out[run["method"]]["nsc"]["per_seed"]["0"] == value  # JSON keys are strings
@@ -157,14 +160,14 @@ def test_quick_run_baselines_are_deterministic(quick_run):
         (record,) = [r for r in result["runs"] if r["method"] == name]
         assert record["seed"] is None and record["n_features"] == {"intensity_stats": 24, "pooled_pixels": 192}[name]
         assert bench.feature_sha256(tables[name]) == record["feature_sha256"], name
-        stats = result["summary"]["none"]["metrics"][name]["nsc"]
+        stats = result["summary"]["center"]["metrics"][name]["nsc"]
         assert stats["deterministic"] and stats["std"] == 0.0
         assert set(stats["per_seed"].values()) == {record["evaluations"][0]["metrics"]["nsc"]["value"]}
 
 
 def test_quick_run_paired_differences_match_per_seed_values(quick_run):
     result, _, _ = quick_run
-    block = result["summary"]["none"]
+    block = result["summary"]["center"]
     checked = 0
     for pair, per_metric in block["paired_differences"].items():
         a, b = pair.split(" - ")

@@ -80,6 +80,16 @@ def test_the_cpu_linear_kernels_give_the_same_embeddings(checkpoint, tmp_path):
     np.testing.assert_allclose(other, blas, atol=1e-5)
 
 
+def test_pooling_cls_mean_appends_the_mean_patch_token(checkpoint, tmp_path):
+    np.save(tmp_path / "a.npy", np.random.default_rng(3).integers(0, 4000, size=(3, 40, 40), dtype=np.uint16))
+    for pooling in ("cls", "cls+mean"):
+        embed.main(["--model", str(checkpoint), "--images", str(tmp_path / "a.npy"), "--output",
+                    str(tmp_path / f"{pooling}.npy"), "--pooling", pooling])
+    cls_token, both = np.load(tmp_path / "cls.npy"), np.load(tmp_path / "cls+mean.npy")
+    assert both.shape == (1, 2 * cls_token.shape[1])
+    np.testing.assert_allclose(both[:, : cls_token.shape[1]], cls_token, atol=1e-5)
+
+
 def test_compile_without_a_compiler_is_one_clear_line(checkpoint, tmp_path, monkeypatch):
     np.save(tmp_path / "a.npy", np.zeros((3, 32, 32), np.uint16))
     monkeypatch.setenv("CXX", "no-such-c++-compiler")

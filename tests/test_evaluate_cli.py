@@ -165,6 +165,26 @@ def test_cli_averages_over_mirrored_copies_when_asked(crops_evaluation, tiny_che
     assert not np.allclose(augmented[features], plain[features], atol=1e-3)
 
 
+def test_cli_reads_the_cls_and_mean_tokens_and_centres_when_asked(crops_evaluation, tiny_checkpoint,
+                                                                  bbbc021_crops_dataset, tmp_path):
+    cli = load_cli()
+    report = cli.run(cli.parse_args(
+        ["--model", str(tiny_checkpoint), "--dataset_name", str(bbbc021_crops_dataset), "--no_progress",
+         "--output_dir", str(tmp_path / "out"), "--max_images", "32", "--profile_level", "image",
+         "--null_size", "50", "--pooling", "cls+mean", "--correction", "center"]))
+    assert report["settings"]["pooling"] == "cls+mean" and report["settings"]["correction"] == "center"
+    both = pd.read_parquet(tmp_path / "out" / "profiles_image.parquet")
+    plain = pd.read_parquet(crops_evaluation / "profiles_image.parquet").head(32)  # the model's own (CLS) pooling
+    features = [c for c in plain if not c.startswith("Metadata_")]
+    both_features = [c for c in both if not c.startswith("Metadata_")]
+    assert report["embedding_dim"] == 2 * len(features) == len(both_features)
+    np.testing.assert_allclose(both[both_features[: len(features)]].to_numpy(), plain[features].to_numpy(), atol=1e-5)
+    # The scored profiles are the image profiles minus their mean (profile level image: no aggregation first).
+    scored = pd.read_parquet(tmp_path / "out" / "profiles_evaluated.parquet")
+    matrix = both[both_features].to_numpy(dtype=np.float64)
+    np.testing.assert_allclose(scored[both_features].to_numpy(), matrix - matrix.mean(axis=0), atol=1e-9)
+
+
 def test_cli_refuses_a_model_with_the_wrong_channel_count(bbbc021_crops_dataset, tmp_path):
     from cdcl_hf import CDCLConfig, CDCLImageProcessor, CDCLModel
 

@@ -87,6 +87,18 @@ def test_zscore_and_mad_remove_plate_effects():
     assert robust.loc[3, "f1"] == pytest.approx(8 / (1.4826 * 2))
 
 
+def test_center_subtracts_the_screen_mean_and_needs_no_controls():
+    from sklearn.preprocessing import StandardScaler
+
+    table = image_table()  # no Metadata_is_control column at all
+    centred = correct_profiles(table, "center")
+    expected = StandardScaler(with_std=False).fit_transform(table[["f1", "f2"]].to_numpy())
+    np.testing.assert_allclose(centred[["f1", "f2"]].to_numpy(), expected, rtol=0, atol=1e-12)
+    assert centred.loc[0, "f1"] == pytest.approx(1.0 - 26.0 / 6)  # f1 mean over all six profiles: 26 / 6
+    pd.testing.assert_frame_equal(centred.drop(columns=["f1", "f2"]), table.drop(columns=["f1", "f2"]))
+    assert table.loc[0, "f1"] == 1.0  # the input is not modified
+
+
 def test_tvn_and_sphering_whiten_the_controls():
     rng = np.random.default_rng(0)
     mixing = np.array([[3.0, 0.0, 0.0], [1.0, 0.5, 0.0], [0.0, 2.0, 1.0]])
@@ -452,3 +464,31 @@ def test_refused_model_folders(tmp_path):
         load_feature_extractor(str(model_dir))
     (model_dir / "training_summary.json").write_text('{"finished": true}')
     assert isinstance(load_feature_extractor(str(model_dir))[1], CDCLImageProcessor)
+
+
+def test_pooling_override_reads_another_embedding_of_the_same_model(tmp_path):
+    from transformers import ViTConfig, ViTModel
+
+    from cdcl_hf import CDCLImageProcessor
+    from cdcl_hf.profiling import load_feature_extractor, set_pooling
+
+    model_dir = tmp_path / "model"
+    torch.manual_seed(0)
+    named_model(None).save_pretrained(model_dir)
+    CDCLImageProcessor(num_channels=3).save_pretrained(model_dir)
+    pixels = torch.randn(2, 3, 32, 32)
+    own, _ = load_feature_extractor(str(model_dir))
+    both, _ = load_feature_extractor(str(model_dir), pooling="cls+mean")
+    assert own.config.pooling == "cls" and both.config.pooling == "cls+mean"
+    with torch.no_grad():
+        cls_token = own(pixel_values=pixels).pooler_output
+        output = both(pixel_values=pixels)
+    hidden = own.config.hidden_size
+    assert output.pooler_output.shape == (2, 2 * hidden)
+    torch.testing.assert_close(output.pooler_output[:, :hidden], cls_token)  # the same weights, the CLS token first
+    torch.testing.assert_close(output.pooler_output[:, hidden:], output.last_hidden_state[:, 1:].mean(dim=1))
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        load_feature_extractor(str(model_dir), pooling="max")
+    vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    with pytest.raises(ValueError, match="'vit' model, which pools its own way"):
+        set_pooling(vit, "cls+mean", where="google/vit")

@@ -44,16 +44,19 @@ import transformers
 # Importing the package (this module's parent) registered the CDCL classes with the Auto classes.
 from cdcl_hf import CDCLConfig, CDCLImageProcessor, CDCLModel, __version__
 from cdcl_hf.cli import CommandParser, add_debug_argument, command_errors, positive_int
+from cdcl_hf.configuration_cdcl import POOLING_MODES
 from cdcl_hf.cpu_kernels import LINEAR_KERNEL_HELP, LINEAR_KERNELS
 from cdcl_hf.embedding import TEST_TIME_AUGMENTATIONS, augmented_embedding, inference_forward
 from cdcl_hf.image_io import CHANNEL_AXES, ChannelAxis, read_image, to_channels_first
 from cdcl_hf.outputs import OutputSafetyError, remove_stale_temporaries, temporary_prefix
 from cdcl_hf.profiling import (
+    POOLING_HELP,
     check_model_folder,
     default_processor,
     load_feature_extractor,
     match_channels,
     model_num_channels,
+    set_pooling,
 )
 from cdcl_hf.screen_data import parse_channel_map
 
@@ -89,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile", dest="compile_model", action="store_true",
                         help="torch.compile the model (dynamic shapes, frozen weights; needs a C++ compiler): ~2x "
                              "faster on an AMD CPU once compiled, which takes tens of seconds; for many images")
+    parser.add_argument("--pooling", choices=POOLING_MODES, default=None, help=POOLING_HELP)
     parser.add_argument("--cpu_linear_kernel", choices=LINEAR_KERNELS, default="auto",
                         help=f"without --compile: {LINEAR_KERNEL_HELP}")
     parser.add_argument("--output", type=Path,
@@ -419,13 +423,16 @@ def run(args: argparse.Namespace) -> tuple[int, int, Path | None]:
     if args.demo:
         torch.manual_seed(0)
         model = CDCLModel(CDCLConfig.from_preset("tiny", num_channels=DEMO_CHANNELS))
+        if args.pooling is not None:
+            set_pooling(model, args.pooling, where="the demo model")
         processor = CDCLImageProcessor(num_channels=DEMO_CHANNELS, size=32)
         images = _demo_images()
         files = [f"demo image {i}" for i in range(DEMO_IMAGES)]
     else:
         check_model_folder(args.model)
         model, processor = load_feature_extractor(args.model, trust_remote_code=True,
-                                                  allow_default_processor=args.allow_default_processor)
+                                                  allow_default_processor=args.allow_default_processor,
+                                                  pooling=args.pooling)
         if processor is None:
             processor = default_processor(model, model_num_channels(model) or 3)
         images = read_images(args.images, args.channel_files, args.channel_axis)

@@ -49,6 +49,7 @@ from ..cli import (
     positive_float,
     positive_int,
 )
+from ..configuration_cdcl import POOLING_MODES
 from ..cpu_kernels import LINEAR_KERNEL_HELP, LINEAR_KERNELS
 from ..embedding import TEST_TIME_AUGMENTATIONS
 from ..image_io import decode_image
@@ -67,6 +68,7 @@ from ..outputs import (
 from ..profiling import (
     AGGREGATION_METHODS,
     CORRECTION_METHODS,
+    POOLING_HELP,
     aggregate_profiles,
     check_model_folder,
     correct_profiles,
@@ -146,6 +148,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     extraction.add_argument(
         "--cpu_linear_kernel", choices=LINEAR_KERNELS, default="auto", help=f"without --compile: {LINEAR_KERNEL_HELP}",
     )
+    extraction.add_argument("--pooling", choices=POOLING_MODES, default=None, help=POOLING_HELP)
     extraction.add_argument("--max_images", type=positive_int, default=None, help="evaluate only the first N images")
     extraction.add_argument(
         "--plate_normalization", choices=PLATE_STATISTICS_SOURCES, default="controls",
@@ -312,7 +315,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     moa_column = None if args.moa_column.lower() == "none" else metadata_name(args.moa_column)
 
     model, processor = load_feature_extractor(args.model, trust_remote_code=args.trust_remote_code,
-                                              allow_default_processor=args.allow_default_processor)
+                                              allow_default_processor=args.allow_default_processor,
+                                              pooling=args.pooling)
     screen = load_evaluation_dataset(args)
     # Fail on a channel mismatch before the (possibly long) pass over the screen for plate statistics.
     first_row = _first_row(screen)
@@ -353,7 +357,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "split": args.split,
         "settings": {key: getattr(args, key) for key in (
             "profile_level", "aggregate", "correction", "per_plate", "tile_size", "tile_stride",
-            "test_time_augmentation", "compile_model", "cpu_linear_kernel", "knn_k", "knn_temperature", "null_size", "missing_moa", "seed", "max_images", "dataset_revision",
+            "pooling", "test_time_augmentation", "compile_model", "cpu_linear_kernel", "knn_k", "knn_temperature", "null_size", "missing_moa", "seed", "max_images", "dataset_revision",
             "streaming", "column_map", "channel_map", "channel_order", "allow_default_processor")},
         # What the images were normalised with: "per_plate:controls|all" or the processor's own rule.
         "input_normalization": (f"per_plate:{args.plate_normalization}" if normalization is not None
