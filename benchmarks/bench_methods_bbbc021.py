@@ -718,7 +718,8 @@ def previous_run_to_rescore(args, preset: dict) -> dict:
     if not path.is_file():
         raise SystemExit(f"bench_methods_bbbc021 --rescore: no earlier results at {path}; run without --rescore")
     previous = json.loads(path.read_text())
-    if previous.get("quick") != args.quick or previous["preset"]["sha256"] != preset["sha256"]:
+    # The preset's values, not its text: a comment changes nothing the models were trained with.
+    if previous.get("quick") != args.quick or previous["preset"]["values"] != preset["values"]:
         raise SystemExit(f"bench_methods_bbbc021 --rescore: {path} was run with another preset or --quick setting "
                          f"than now ({args.config}); run without --rescore to train with it")
     for seed in args.seeds:

@@ -83,6 +83,7 @@ PRESET_FLAGS = ["--model_preset", "vit-crops-patch8", "--local_crop_size", "48",
 VARIANTS.update({
     "preset": PRESET_FLAGS,
     "preset_pool_cls_mean": [*PRESET_FLAGS, "--pooling", "cls+mean"],
+    "preset_epochs45": [*PRESET_FLAGS, "--num_train_epochs", "45"],
 })
 # Scoring variants: a trained variant's models scored again with other evaluation flags (no training). Images are
 # averaged over mirrored / quarter-turned copies (test-time augmentation), or the well profiles are whitened on the
@@ -98,6 +99,7 @@ SCORING_VARIANTS: dict[str, tuple[str, list[str]]] = {
     "preset_cls_mean": ("preset", ["--pooling", "cls+mean"]),
     "preset_cls_mean_center": ("preset", ["--pooling", "cls+mean", "--correction", "center"]),
     "preset_pool_cls_mean_center": ("preset_pool_cls_mean", ["--correction", "center"]),
+    "preset_epochs45_cls_mean_center": ("preset_epochs45", ["--pooling", "cls+mean", "--correction", "center"]),
     "crops_model_center": ("crops_model", ["--correction", "center"]),
     "crops_model_cls_mean_center": ("crops_model", ["--pooling", "cls+mean", "--correction", "center"]),
 }

@@ -489,6 +489,9 @@ def test_pooling_override_reads_another_embedding_of_the_same_model(tmp_path):
     torch.testing.assert_close(output.pooler_output[:, hidden:], output.last_hidden_state[:, 1:].mean(dim=1))
     with pytest.raises(ValueError, match="pooling must be one of"):
         load_feature_extractor(str(model_dir), pooling="max")
+    from transformers import AutoModel  # the README's way without cdcl-hf's loader: a config keyword
+
+    assert AutoModel.from_pretrained(str(model_dir), pooling="cls+mean").config.pooling == "cls+mean"
     vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
     with pytest.raises(ValueError, match="'vit' model, which pools its own way"):
         set_pooling(vit, "cls+mean", where="google/vit")
