@@ -271,7 +271,9 @@ def bbbc021_quality_table(result: dict | None) -> str:
     machine = result.get("machine", {})
     seeds = result["settings"]["seeds"]
     lines = [
-        f"Correction `{correction}`; trained methods: mean ± sample sd over {len(seeds)} seed(s) {seeds}; the baselines "
+        (f"Trained models embedded with `--pooling {result['settings']['pooling']}`; " if result["settings"].get("pooling")
+         else "")
+        + f"correction `{correction}`; trained methods: mean ± sample sd over {len(seeds)} seed(s) {seeds}; the baselines "
         "and CellProfiler are deterministic. Values in parentheses are flagged not informative by the metric code. "
         f"Run on {machine.get('cpu', '?')} ({machine.get('cores_usable', '?')} cores usable) in "
         f"{result['total_wall_s'] / 60:.1f} min (machine and wall time from the JSON); full tables, paired "
