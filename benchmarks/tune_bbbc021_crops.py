@@ -85,6 +85,14 @@ VARIANTS.update({
     "preset_pool_cls_mean": [*PRESET_FLAGS, "--pooling", "cls+mean"],
     "preset_epochs45": [*PRESET_FLAGS, "--num_train_epochs", "45"],
 })
+# Partners of the same compound at any concentration (not only the same treatment): more cross-plate partners per
+# image (a treatment sits on a median of 2 plates, a compound on 3); and stronger per-channel gain / offset
+# augmentations, against the plate-to-plate intensity differences that per-plate normalisation leaves.
+VARIANTS.update({
+    "preset_compound_pairs": [*PRESET_FLAGS, "--label_column", "compound"],
+    "preset_gain03": [*PRESET_FLAGS, "--gain_std", "0.3", "--offset_std", "0.3"],
+    "crops_model_gain03": ["--model_preset", "vit-crops-patch8", "--gain_std", "0.3", "--offset_std", "0.3"],
+})
 # Scoring variants: a trained variant's models scored again with other evaluation flags (no training). Images are
 # averaged over mirrored / quarter-turned copies (test-time augmentation), or the well profiles are whitened on the
 # controls (TVN), as the evaluation CLI offers both.
@@ -102,6 +110,9 @@ SCORING_VARIANTS: dict[str, tuple[str, list[str]]] = {
     "preset_epochs45_cls_mean_center": ("preset_epochs45", ["--pooling", "cls+mean", "--correction", "center"]),
     "crops_model_center": ("crops_model", ["--correction", "center"]),
     "crops_model_cls_mean_center": ("crops_model", ["--pooling", "cls+mean", "--correction", "center"]),
+    "preset_compound_pairs_cls_mean_center": ("preset_compound_pairs", ["--pooling", "cls+mean", "--correction", "center"]),
+    "preset_gain03_cls_mean_center": ("preset_gain03", ["--pooling", "cls+mean", "--correction", "center"]),
+    "crops_model_gain03_cls_mean_center": ("crops_model_gain03", ["--pooling", "cls+mean", "--correction", "center"]),
 }
 SCORED = ("nsc", "nscb", "replicate_map", "moa_map", "batch_classification_controls", "ilisi_controls")
 
