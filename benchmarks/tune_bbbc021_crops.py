@@ -8,10 +8,13 @@ Protocol (so that the preset is not tuned on what `bench_methods_bbbc021.py` sco
   (Week6-Week10) never enter a tuning run, and the benchmark reports its scores on that half separately;
 - tuning seeds (default 100, 101) differ from the benchmark's (0, 1, 2);
 - every variant is trained with the real CLI on the tuning screen and scored there with the real evaluation CLI
-  (well profiles, median aggregation, no correction, batch = week); the preset is the variant with the best mean
-  NSCB (NSC breaking ties) among those whose teacher did not drift to uniform;
+  (well profiles, median aggregation, no correction, batch = week);
 - scoring variants score a trained variant's models again with other evaluation flags (test-time augmentation,
-  TVN), on the same tuning screen and seeds; one that wins would change the benchmark's evaluation, not the preset.
+  TVN, the CLS + mean read-out, centring), on the same tuning screen and seeds; one that wins changes the
+  benchmark's evaluation, not the training;
+- the preset is the trained variant with the best mean NSCB (NSC breaking ties) under the benchmark's headline
+  evaluation, among those whose teacher did not drift to uniform: since the headline became `--pooling cls+mean
+  --correction center`, that is its `*_cls_mean_center` scoring row (before, the row of the variant itself).
 Results: benchmarks/results/tuning_bbbc021_crops.json / .md (each run appended; re-running a variant replaces it).
 `--markdown_only` rewrites the .md from the .json.
 """
