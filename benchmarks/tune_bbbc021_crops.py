@@ -118,6 +118,52 @@ SCORING_VARIANTS: dict[str, tuple[str, list[str]]] = {
     "crops_model_gain03_cls_mean_center": ("crops_model_gain03", ["--pooling", "cls+mean", "--correction", "center"]),
 }
 SCORED = ("nsc", "nscb", "replicate_map", "moa_map", "batch_classification_controls", "ilisi_controls")
+# The benchmark's headline evaluation (bench_methods_bbbc021.py: --pooling cls+mean, first of --corrections), under
+# which the preset is chosen, and the entropy ratio from which a teacher counts as drifted to uniform (CollapseGuard's).
+HEADLINE_SCORING_FLAGS = ["--pooling", "cls+mean", "--correction", "center"]
+UNIFORM_ENTROPY_RATIO = 0.95
+# Flags that choose where a run goes, not what it learns.
+NOT_SETTINGS = ("dataloader_num_workers",)
+
+
+def select_preset(runs: list[dict]) -> dict:
+    """The trained variant the protocol picks: the best mean NSCB (NSC breaking ties) of its headline-scored models,
+    among the variants whose teacher did not drift to uniform."""
+    scored: dict[str, list[dict]] = {}
+    for record in runs:
+        if record["method"] == "cdcl" and record.get("scoring_flags") == HEADLINE_SCORING_FLAGS:
+            scored.setdefault(record["trained_by"], []).append(record)
+    candidates = []
+    for variant, records in scored.items():
+        entropy = mean_std([r["final_teacher_entropy_ratio"] for r in records])["mean"]
+        if entropy is not None and entropy >= UNIFORM_ENTROPY_RATIO:
+            continue
+        nsc, nscb = (mean_std([r["metrics"][name] for r in records]) for name in ("nsc", "nscb"))
+        candidates.append({"variant": variant, "flags": VARIANTS[variant], "nscb": nscb, "nsc": nsc,
+                           "seeds": sorted(r["seed"] for r in records)})
+    if not candidates:
+        raise ValueError(f"no variant has models scored with {shlex.join(HEADLINE_SCORING_FLAGS)}")
+    return max(candidates, key=lambda c: (c["nscb"]["mean"], c["nsc"]["mean"]))
+
+
+def settings_of_flags(flags: list[str]) -> dict:
+    """Command-line flags as config-file settings: `--local_crop_scale 0.3 0.5` -> {"local_crop_scale": [0.3, 0.5]}."""
+    import yaml
+
+    settings: dict = {}
+    key = None
+    for token in flags:
+        if token.startswith("--"):
+            key = token[2:]
+            settings[key] = True
+        else:
+            value = yaml.safe_load(token)
+            settings[key] = value if settings[key] is True else [*_as_list(settings[key]), value]
+    return {k: v for k, v in settings.items() if k not in NOT_SETTINGS}
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -211,7 +257,13 @@ def markdown(result: dict) -> str:
              f"Tuning screen: {result['screen']['num_images']} crops of {', '.join(result['screen']['batches'])} "
              f"({result['screen']['num_plates']} plates, {result['screen']['num_treatments']} treatments). Machine of "
              "each variant in the last column (CPU runs: AMD EPYC, 2 cores). Values: mean ± sd over the tuning seeds.",
-             "",
+             ""]
+    chosen = select_preset(result["runs"])
+    lines += [f"Chosen by the protocol's rule: **{chosen['variant']}** (`{' '.join(chosen['flags']) or '(base)'}` on "
+              f"the base preset), NSCB {chosen['nscb']['mean']:.3f} ± {chosen['nscb']['std']:.3f} and NSC "
+              f"{chosen['nsc']['mean']:.3f} ± {chosen['nsc']['std']:.3f} over seeds "
+              f"{', '.join(map(str, chosen['seeds']))}, scored with `{' '.join(HEADLINE_SCORING_FLAGS)}`; "
+              "`training/configs/bbbc021_crops.yaml` holds these settings (tests/test_tune_bbbc021_crops.py).", "",
              "| variant | method | flags | seeds | " + " | ".join(SCORED) + " | teacher entropy ratio | train s | machine |",
              "|---|---|---|---|" + "---|" * (len(SCORED) + 3)]
     groups: dict[tuple[str, str], list[dict]] = {}
