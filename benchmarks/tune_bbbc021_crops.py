@@ -80,8 +80,8 @@ VARIANTS.update({
     "gpu_crops_blur_noise": ["--model_preset", "vit-crops-patch8", "--blur_prob", "0.5", "--noise_std", "0.1",
                              *GPU_FLAGS],
 })
-# The preset as it stands (crops model, 48-px local crops) on the CPU, and the same with the head fed the CLS token and
-# the mean patch token together (`--pooling cls+mean`), which the embedding then is too.
+# The preset chosen on the CLS token alone (crops model, 48-px local crops) on the CPU, and the same with the head fed
+# the CLS token and the mean patch token together (`--pooling cls+mean`), which the embedding then is too.
 PRESET_FLAGS = ["--model_preset", "vit-crops-patch8", "--local_crop_size", "48", "--local_crop_scale", "0.4", "0.7"]
 VARIANTS.update({
     "preset": PRESET_FLAGS,
