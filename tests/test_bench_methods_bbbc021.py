@@ -2,7 +2,6 @@
 JSON must be complete and consistent (every row, metric ranges, the CellProfiler line, deterministic baselines,
 paired differences equal to the per-seed differences)."""
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from benchmark_scripts import load_benchmark
 
 from cdcl_hf.metrics import PERMUTATION_NULL_SIZE
 
@@ -21,10 +21,7 @@ TRAINED = ("untrained", "dino", "dino-cb", "cdcl")
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_methods_bbbc021", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_methods_bbbc021")
 
 
 # ---------------------------------------------------------------------------------------------- unit

@@ -1,22 +1,12 @@
 """benchmarks/cells_per_treatment_bbbc021.py: NSC / NSCB of treatment profiles made of k drawn cells."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
-
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "cells_per_treatment_bbbc021.py"
+from benchmark_scripts import load_benchmark
 
 
 def load_script():
-    sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("cells_per_treatment_bbbc021", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("cells_per_treatment_bbbc021")
 
 
 def cell_table(noise: float, cells_per_treatment: int = 4, seed: int = 0) -> pd.DataFrame:

@@ -1,26 +1,20 @@
 """benchmarks/tune_bbbc021_crops.py: the variants are well formed, and the preset is what its rule picks."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from benchmark_scripts import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "tune_bbbc021_crops.py"
 RESULTS = ROOT / "benchmarks" / "results" / "tuning_bbbc021_crops.json"
 PRESET = ROOT / "training" / "configs" / "bbbc021_crops.yaml"
 
 
 @pytest.fixture(scope="module")
 def tune():
-    sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("tune_bbbc021_crops", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("tune_bbbc021_crops")
 
 
 def record(variant, seed, nscb, nsc=0.4, entropy=0.9, trained_by=None, scoring_flags=None):
