@@ -49,6 +49,10 @@ def init_trackers(accelerator: Accelerator, args: argparse.Namespace) -> None:
     accelerator.init_trackers("cdcl", config=config)
 
 
+# Teacher entropy / log K from which the teacher's outputs count as uniform (a run drifting to collapse).
+UNIFORM_ENTROPY_RATIO = 0.95
+
+
 class CollapseGuard:
     r"""
     Warns when the teacher drifts into one of DINO's two collapses, read off each log line's collapse indicators:
@@ -70,7 +74,8 @@ class CollapseGuard:
     HINT = ("lower --teacher_temp, centre over fewer, larger domains (--domain_column) or raise --out_dim; "
             "benchmarks/results/tuning_bbbc021_crops.md shows what moved these runs")
 
-    def __init__(self, log_k: float, start_step: int, uniform_ratio: float = 0.95, few_dimensions_fraction: float = 0.5):
+    def __init__(self, log_k: float, start_step: int, uniform_ratio: float = UNIFORM_ENTROPY_RATIO,
+                 few_dimensions_fraction: float = 0.5):
         self.log_k, self.start_step = log_k, start_step
         self.uniform_ratio, self.few_dimensions_fraction = uniform_ratio, few_dimensions_fraction
         self.active: set[str] = set()
