@@ -40,6 +40,7 @@ from bench_methods_bbbc021 import parse_args as bench_methods_arguments  # noqa:
 from bench_methods_synthetic import display, log, mean_std, run_command, training_health  # noqa: E402
 from common import machine, usable_cores  # noqa: E402
 
+from cdcl_hf.training.arguments import parse_args as training_arguments  # noqa: E402
 from cdcl_hf.training.tracking import UNIFORM_ENTROPY_RATIO  # noqa: E402
 
 BASE_PRESET = HERE / "configs" / "bbbc021_crops_tuning_base.yaml"
@@ -126,7 +127,7 @@ SCORED = ("nsc", "nscb", "replicate_map", "moa_map", "batch_classification_contr
 _BENCH_DEFAULTS = bench_methods_arguments([])
 HEADLINE_SCORING_FLAGS = ["--pooling", _BENCH_DEFAULTS.pooling, "--correction", _BENCH_DEFAULTS.corrections[0]]
 # Flags that choose where a run goes, not what it learns.
-NOT_SETTINGS = ("dataloader_num_workers",)
+NOT_SETTINGS = ("config", "output_dir", "dataloader_num_workers")
 
 
 def select_preset(runs: list[dict]) -> dict:
@@ -149,24 +150,11 @@ def select_preset(runs: list[dict]) -> dict:
     return max(candidates, key=lambda c: (c["nscb"]["mean"], c["nsc"]["mean"]))
 
 
-def settings_of_flags(flags: list[str]) -> dict:
-    """Command-line flags as config-file settings: `--local_crop_scale 0.3 0.5` -> {"local_crop_scale": [0.3, 0.5]}."""
-    import yaml
-
-    settings: dict = {}
-    key = None
-    for token in flags:
-        if token.startswith("--"):
-            key = token[2:]
-            settings[key] = True
-        else:
-            value = yaml.safe_load(token)
-            settings[key] = value if settings[key] is True else [*_as_list(settings[key]), value]
+def training_settings(config: Path, flags: list[str]) -> dict:
+    """The settings `training/train.py --config CONFIG FLAGS` runs with, parsed by the training CLI itself, less
+    those that choose where a run goes, not what it learns."""
+    settings = vars(training_arguments(["--config", str(config), *flags]))
     return {k: v for k, v in settings.items() if k not in NOT_SETTINGS}
-
-
-def _as_list(value) -> list:
-    return value if isinstance(value, list) else [value]
 
 
 def parse_args(argv=None) -> argparse.Namespace:

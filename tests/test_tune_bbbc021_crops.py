@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 from benchmark_scripts import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,12 +27,13 @@ def test_every_scoring_variant_scores_a_trained_variant(tune):
         assert flags and all(isinstance(flag, str) for flag in flags), name
 
 
-def test_settings_of_flags(tune):
-    assert tune.settings_of_flags(["--model_preset", "vit-crops-patch8", "--local_crop_scale", "0.4", "0.7",
-                                   "--only_cross_domain", "--num_train_epochs", "45",
-                                   "--dataloader_num_workers", "3"]) == {
-        "model_preset": "vit-crops-patch8", "local_crop_scale": [0.4, 0.7], "only_cross_domain": True,
-        "num_train_epochs": 45}
+def test_training_settings_parse_flags_as_the_training_cli(tune):
+    settings = tune.training_settings(tune.BASE_PRESET, ["--local_crop_scale", "0.4", "0.7", "--only_cross_domain",
+                                                         "--num_train_epochs", "45", "--dataloader_num_workers", "3"])
+    assert settings["local_crop_scale"] == [0.4, 0.7]
+    assert settings["only_cross_domain"] is True and settings["num_train_epochs"] == 45
+    assert settings["model_preset"] == "tiny"  # the base preset's, where no flag overrides it
+    assert not {"config", "output_dir", "dataloader_num_workers"} & set(settings)
 
 
 def test_select_preset_takes_the_best_headline_score_of_a_healthy_teacher(tune):
@@ -63,9 +63,6 @@ def test_select_preset_takes_the_best_headline_score_of_a_healthy_teacher(tune):
 def test_the_preset_holds_the_settings_its_rule_picks(tune):
     """training/configs/bbbc021_crops.yaml = the tuning base + the flags of the variant the committed results pick."""
     chosen = tune.select_preset(json.loads(RESULTS.read_text())["runs"])
-    expected = {**yaml.safe_load(tune.BASE_PRESET.read_text()), **tune.settings_of_flags(chosen["flags"])}
-    preset = yaml.safe_load(PRESET.read_text())
-    assert {k: v for k, v in preset.items() if k != "output_dir"} == {
-        k: v for k, v in expected.items() if k != "output_dir"}, (
+    assert tune.training_settings(PRESET, []) == tune.training_settings(tune.BASE_PRESET, chosen["flags"]), (
         f"the tuning results pick {chosen['variant']} ({' '.join(chosen['flags'])})")
     assert f"**{chosen['variant']}**" in RESULTS.with_suffix(".md").read_text()
